@@ -1,0 +1,131 @@
+"""The ``sa2crq`` command line: one subcommand per job. Thin: parse, call the library, print."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sa2crq.config import METHODS, load_tokenizer_config
+
+DEFAULT_CACHE = Path(os.environ.get("SA2CRQ_CACHE", ".cache"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sa2crq", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tok = commands.add_parser("tokenize", help="give every item a semantic ID and write the tokenizer report")
+    tok.add_argument("--items", required=True, help="items parquet (item_id, text fields, optional embedding)")
+    tok.add_argument("--interactions", required=True, help="training interactions parquet (user_id, item_id, timestamp)")
+    tok.add_argument("--method", default="sa2crq", choices=METHODS)
+    tok.add_argument("--out", required=True, help="output directory")
+    tok.add_argument("--config", help="JSON file of config overrides (see sa2crq/config.py)")
+    tok.add_argument("--set", dest="assignments", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    tok.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="embedding cache directory")
+    tok.add_argument("--max-reject-fraction", type=float, default=0.05)
+    tok.set_defaults(run=_tokenize)
+
+    data = commands.add_parser("datasets", help="write a public dataset as items/interactions parquet")
+    data.add_argument("name", choices=["amazon-beauty", "movielens-100k"])
+    data.add_argument("--split", choices=["full", "leave-one-out", "cold-start"], default="full")
+    data.add_argument("--cold-fraction", type=float, default=0.1)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--out", required=True, type=Path)
+    data.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    data.set_defaults(run=_datasets)
+
+    compare = commands.add_parser("compare-reports", help="side-by-side markdown table of tokenizer reports")
+    compare.add_argument("reports", nargs="+", type=Path, help="report.json files")
+    compare.set_defaults(run=_compare_reports)
+
+    bench = commands.add_parser("bench", help="benchmarks that print numbers")
+    bench_kind = bench.add_subparsers(dest="benchmark", required=True)
+    sarq = bench_kind.add_parser("sarq", help="SARQ + SID assignment speed on synthetic codes")
+    sarq.add_argument("--items", type=int, default=1_000_000)
+    sarq.add_argument("--levels", type=int, default=4)
+    sarq.add_argument("--codebook-size", type=int, default=256)
+    sarq.add_argument("--seed", type=int, default=0)
+    sarq.set_defaults(run=_bench_sarq)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except ValueError as err:  # bad input or config: a clear message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from sa2crq.data.datasets import read_interactions, read_items
+    from sa2crq.data.embed import TextEmbedder
+    from sa2crq.metrics.tokenizer_report import format_report
+    from sa2crq.tokenize_catalog import tokenize_catalog, write_result
+
+    config = load_tokenizer_config(args.method, args.config, args.assignments)
+    result = tokenize_catalog(
+        read_items(args.items),
+        read_interactions(args.interactions),
+        config,
+        embedder=TextEmbedder(args.cache / "embeddings"),
+        max_reject_fraction=args.max_reject_fraction,
+    )
+    paths = write_result(result, args.out)
+    print(format_report(result.report))
+    print()
+    for name, path in paths.items():
+        print(f"wrote {name}: {path}")
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from sa2crq.data.datasets import load_amazon_beauty, load_movielens_100k
+    from sa2crq.data.splits import cold_start_split, leave_one_out
+
+    if args.name == "amazon-beauty":
+        items, interactions = load_amazon_beauty()
+    else:
+        items, interactions = load_movielens_100k(args.cache)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tables = {"items": items}
+    if args.split == "full":
+        tables["interactions"] = interactions
+    else:
+        if args.split == "leave-one-out":
+            split = leave_one_out(interactions)
+        else:
+            split = cold_start_split(
+                items.column("item_id").to_numpy(), interactions, fraction=args.cold_fraction, seed=args.seed
+            )
+        tables.update(interactions=split.train, valid=split.valid, test=split.test)
+    for name, table in tables.items():
+        pq.write_table(table, args.out / f"{name}.parquet")
+        print(f"wrote {name}: {args.out / f'{name}.parquet'} ({table.num_rows} rows)")
+    return 0
+
+
+def _compare_reports(args: argparse.Namespace) -> int:
+    import json
+
+    from sa2crq.metrics.tokenizer_report import compare_reports
+
+    print(compare_reports([json.loads(path.read_text()) for path in args.reports]))
+    return 0
+
+
+def _bench_sarq(args: argparse.Namespace) -> int:
+    from sa2crq.bench.sarq_speed import run_sarq_benchmark
+
+    for name, value in run_sarq_benchmark(args.items, args.levels, args.codebook_size, args.seed).items():
+        print(f"{name}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""Input validation: what is accepted, what is quarantined, what is refused.
+
+Policy
+------
+**Table-level problems refuse the whole input** with :class:`InputError` (a ``ValueError``) whose message
+names the table, the column and the rule. These are bugs in whatever produced the table, and no row of it
+can be trusted:
+
+* the input has no rows;
+* a required column is missing (items: ``item_id``; interactions: ``user_id``, ``item_id``, ``timestamp``);
+* a column has the wrong type: ``item_id`` int64 or string; ``user_id`` any integer or string;
+  ``timestamp`` an integer or timestamp; text columns string; ``embedding`` a list or fixed-size list of
+  floats. Nothing is coerced: a silently cast id is how two catalogs stop joining;
+* an items table has neither a text column nor an ``embedding`` column, so no row could ever be valid;
+* a caller names a text column that does not exist.
+
+**Row-level problems quarantine the row.** At catalog scale some rows are always broken, and one bad row
+must not stop the nightly job. A quarantined row goes to the ``rejects`` table with all its original
+columns plus ``reject_reason``: the name of the first rule below that it breaks (one reason per row).
+
+Items, in this order:
+
+``null_item_id``
+    ``item_id`` is null.
+``duplicate_item_id``
+    the id occurs more than once. *Every* row with that id is rejected: there is no way to know which
+    copy is right, and keeping the first would make the result depend on file order.
+``embedding_wrong_dimension``
+    a non-null ``embedding`` whose length differs from ``embedding_dim`` (default: the most common
+    length among the non-null embeddings, the smaller on a tie).
+``embedding_non_finite``
+    the embedding holds NaN, ±inf or a null element.
+``embedding_zero_norm``
+    the embedding's L2 norm is at most 1e-12 (``MIN_EMBEDDING_NORM``), too small to normalise: torch's
+    ``F.normalize`` clamps norms at that value, so such a vector would not come out unit length.
+``no_text_or_embedding``
+    the embedding is null or absent and no text column holds a non-blank value (after stripping).
+    An item with a valid embedding needs no text.
+
+A broken embedding rejects the row even when the row also has text: a broken vector means its producer
+is broken, and quietly re-embedding from text would hide that.
+
+Interactions, in this order: ``null_user_id``, ``null_item_id``, ``null_timestamp``, ``unknown_item_id``
+(the item is not among ``known_item_ids``, typically the ids that survived :func:`validate_items`).
+
+**Quarantine has a ceiling.** If the rejected share exceeds ``max_reject_fraction``, the input is refused
+with an :class:`InputError` naming the count, the share and up to ten example rows with their reasons: a
+mostly broken input is a pipeline bug, not dirty data. The default ceiling of 1.0 never refuses.
+
+Valid rows are returned unchanged (same columns, types and order). For every result,
+``rows_in == rows_out + rejected``.
+
+All checks are vectorised (pyarrow.compute over columns, numpy over flattened embedding values).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sa2crq.data._io import PathLike, resolve_filesystem
+
+__all__ = [
+    "DEFAULT_TEXT_COLUMNS",
+    "EMBEDDING_COLUMN",
+    "INTERACTION_REJECT_REASONS",
+    "ITEM_REJECT_REASONS",
+    "InputError",
+    "MIN_EMBEDDING_NORM",
+    "REJECT_REASON_COLUMN",
+    "Validated",
+    "validate_interactions",
+    "validate_items",
+    "write_rejects",
+]
+
+DEFAULT_TEXT_COLUMNS: tuple[str, ...] = ("title", "categories", "description")
+EMBEDDING_COLUMN = "embedding"
+REJECT_REASON_COLUMN = "reject_reason"
+MIN_EMBEDDING_NORM = 1e-12
+
+# Rule names in priority order: a row breaking several rules is reported under the first.
+ITEM_REJECT_REASONS: tuple[str, ...] = (
+    "null_item_id",
+    "duplicate_item_id",
+    "embedding_wrong_dimension",
+    "embedding_non_finite",
+    "embedding_zero_norm",
+    "no_text_or_embedding",
+)
+INTERACTION_REJECT_REASONS: tuple[str, ...] = (
+    "null_user_id",
+    "null_item_id",
+    "null_timestamp",
+    "unknown_item_id",
+)
+
+_MAX_EXAMPLES = 10
+
+
+class InputError(ValueError):
+    """The input as a whole breaks the data contract; the message names the column and the rule."""
+
+
+@dataclass(frozen=True)
+class Validated:
+    """Rows that passed (``valid``) and rows quarantined with a ``reject_reason`` (``rejects``)."""
+
+    valid: pa.Table
+    rejects: pa.Table
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        """``rows_in``, ``rows_out``, ``rejected`` and ``by_reason`` (reason -> rows), for reports and logs."""
+        by_reason: dict[str, int] = {}
+        if self.rejects.num_rows:
+            tallies = pc.value_counts(self.rejects[REJECT_REASON_COLUMN])
+            by_reason = dict(
+                sorted(zip(tallies.field("values").to_pylist(), tallies.field("counts").to_pylist(), strict=True))
+            )
+        return {
+            "rows_in": self.valid.num_rows + self.rejects.num_rows,
+            "rows_out": self.valid.num_rows,
+            "rejected": self.rejects.num_rows,
+            "by_reason": by_reason,
+        }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------------
+
+
+def validate_items(
+    table: pa.Table,
+    *,
+    text_columns: Sequence[str] | None = None,
+    embedding_dim: int | None = None,
+    max_reject_fraction: float = 1.0,
+) -> Validated:
+    """Validate an items table (see the module docstring for the rules).
+
+    ``text_columns`` defaults to whichever of ``DEFAULT_TEXT_COLUMNS`` exist. ``embedding_dim`` None means
+    the most common length among the non-null embeddings.
+    """
+    name = "items"
+    _check_fraction(max_reject_fraction)
+    _check_table(name, table, ("item_id",))
+    _require_type(name, table, "item_id", _is_id_type, "int64 or string")
+
+    if text_columns is None:
+        text_columns = [c for c in DEFAULT_TEXT_COLUMNS if c in table.column_names]
+    else:
+        _require_columns(name, table, text_columns)
+    for column in text_columns:
+        _require_type(name, table, column, _is_text_type, "string")
+
+    # As with text, an all-null column that parquet typed as null is simply an absent one.
+    has_embedding = EMBEDDING_COLUMN in table.column_names and not pa.types.is_null(
+        table.schema.field(EMBEDDING_COLUMN).type
+    )
+    if has_embedding:
+        _require_type(name, table, EMBEDDING_COLUMN, _is_embedding_type, "list or fixed_size_list of float")
+    if not text_columns and not has_embedding:
+        raise InputError(
+            f"{name}: no text column ({', '.join(DEFAULT_TEXT_COLUMNS)}) and no '{EMBEDDING_COLUMN}' column: "
+            "no item could be embedded"
+        )
+
+    ids = table["item_id"]
+    n = table.num_rows
+    if has_embedding:
+        emb = _embedding_checks(table[EMBEDDING_COLUMN], embedding_dim)
+    else:
+        emb = _EmbeddingChecks.absent(n)
+
+    rules = {
+        "null_item_id": _to_bool(pc.is_null(ids)),
+        "duplicate_item_id": _duplicated(ids),
+        "embedding_wrong_dimension": emb.wrong_dimension,
+        "embedding_non_finite": emb.non_finite,
+        "embedding_zero_norm": emb.zero_norm,
+        "no_text_or_embedding": ~emb.present & ~_has_text(table, text_columns),
+    }
+    result = _quarantine(table, ITEM_REJECT_REASONS, rules)
+    _enforce_ceiling(name, result, max_reject_fraction, ("item_id",))
+    return result
+
+
+def validate_interactions(
+    table: pa.Table,
+    *,
+    known_item_ids: pa.Array | pa.ChunkedArray,
+    max_reject_fraction: float = 1.0,
+) -> Validated:
+    """Validate an interactions table (``user_id``, ``item_id``, ``timestamp``) against the known item ids.
+
+    ``item_id`` must be in the same type family (integer or string) as ``known_item_ids``.
+    """
+    name = "interactions"
+    _check_fraction(max_reject_fraction)
+    _check_table(name, table, ("user_id", "item_id", "timestamp"))
+    _require_type(name, table, "user_id", _is_user_id_type, "integer or string")
+    _require_type(name, table, "item_id", _is_id_type, "int64 or string")
+    _require_type(name, table, "timestamp", _is_timestamp_type, "integer or timestamp")
+
+    known = known_item_ids.combine_chunks() if isinstance(known_item_ids, pa.ChunkedArray) else known_item_ids
+    item_type = table.schema.field("item_id").type
+    if not _is_id_type(known.type):
+        raise InputError(f"known_item_ids: type {known.type} breaks rule 'int64 or string'")
+    if pa.types.is_integer(known.type) != pa.types.is_integer(item_type):
+        raise InputError(
+            f"{name}: column 'item_id' has type {item_type} but the items' item_id has type {known.type}: "
+            "both must be integer or both string"
+        )
+
+    ids = table["item_id"]
+    in_catalog = pc.is_in(ids, value_set=known.drop_null().cast(item_type))
+    rules = {
+        "null_user_id": _to_bool(pc.is_null(table["user_id"])),
+        "null_item_id": _to_bool(pc.is_null(ids)),
+        "null_timestamp": _to_bool(pc.is_null(table["timestamp"])),
+        "unknown_item_id": ~_to_bool(in_catalog),
+    }
+    result = _quarantine(table, INTERACTION_REJECT_REASONS, rules)
+    _enforce_ceiling(name, result, max_reject_fraction, ("user_id", "item_id"))
+    return result
+
+
+def write_rejects(validated: Validated, path: PathLike) -> str:
+    """Write the rejects table as one parquet file at ``path`` (local or any fsspec URL).
+
+    Written even when empty, so that "nothing was rejected" is itself on record. Returns the path written.
+    """
+    fs, inner = resolve_filesystem(path)
+    parent = posixpath.dirname(inner)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    pq.write_table(validated.rejects, inner, filesystem=fs)
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Table-level checks
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_fraction(max_reject_fraction: float) -> None:
+    if not 0.0 <= max_reject_fraction <= 1.0:
+        raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction}")
+
+
+def _require_columns(name: str, table: pa.Table, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise InputError(
+            f"{name}: missing required column {', '.join(repr(c) for c in missing)} "
+            f"(columns present: {', '.join(table.column_names) or 'none'})"
+        )
+
+
+def _check_table(name: str, table: pa.Table, required: Sequence[str]) -> None:
+    """The checks every input shares: required columns, no reserved column, at least one row."""
+    _require_columns(name, table, required)
+    if REJECT_REASON_COLUMN in table.column_names:
+        raise InputError(f"{name}: column '{REJECT_REASON_COLUMN}' is reserved for the rejects table")
+    if table.num_rows == 0:
+        raise InputError(f"{name}: input is empty (0 rows)")
+
+
+def _require_type(
+    name: str, table: pa.Table, column: str, accepts: Callable[[pa.DataType], bool], rule: str
+) -> None:
+    dtype = table.schema.field(column).type
+    if not accepts(dtype):
+        raise InputError(f"{name}: column '{column}' has type {dtype}, breaks rule '{rule}'")
+
+
+def _is_string(dtype: pa.DataType) -> bool:
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+
+
+def _is_id_type(dtype: pa.DataType) -> bool:
+    return pa.types.is_int64(dtype) or _is_string(dtype)
+
+
+def _is_user_id_type(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype) or _is_string(dtype)
+
+
+def _is_timestamp_type(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype) or pa.types.is_timestamp(dtype)
+
+
+def _is_text_type(dtype: pa.DataType) -> bool:
+    # An all-null column read from parquet can come back as type null; it simply holds no text.
+    return _is_string(dtype) or pa.types.is_null(dtype)
+
+
+def _is_embedding_type(dtype: pa.DataType) -> bool:
+    is_list = pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype)
+    return is_list and pa.types.is_floating(dtype.value_type)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Row-level checks (each returns a numpy bool mask over rows)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _to_bool(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _duplicated(ids: pa.ChunkedArray) -> np.ndarray:
+    """True for every row whose (non-null) id occurs more than once."""
+    tallies = pc.value_counts(ids)
+    repeated = tallies.field("values").filter(pc.greater(tallies.field("counts"), 1)).drop_null()
+    return _to_bool(pc.is_in(ids, value_set=repeated))
+
+
+def _has_text(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
+    """True where at least one text column is non-null and non-blank after stripping whitespace."""
+    present = np.zeros(table.num_rows, dtype=bool)
+    for column in columns:
+        values = table[column]
+        if pa.types.is_null(values.type):
+            continue
+        nonblank = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0)
+        present |= _to_bool(nonblank.fill_null(False))
+    return present
+
+
+@dataclass(frozen=True, eq=False)  # holds numpy arrays, which have no single truth value to compare by
+class _EmbeddingChecks:
+    present: np.ndarray
+    wrong_dimension: np.ndarray
+    non_finite: np.ndarray
+    zero_norm: np.ndarray
+
+    @classmethod
+    def absent(cls, n: int) -> _EmbeddingChecks:
+        none = np.zeros(n, dtype=bool)
+        return cls(present=none, wrong_dimension=none, non_finite=none, zero_norm=none)
+
+
+def _embedding_checks(column: pa.ChunkedArray, embedding_dim: int | None) -> _EmbeddingChecks:
+    """Per-row embedding checks on the flattened values, so ragged lists need no per-row Python."""
+    lists = column.combine_chunks()
+    n = len(lists)
+    present = _to_bool(lists.is_valid())
+    # flatten() skips the values behind null rows and honours slicing offsets, so the values line up
+    # with the per-row lengths (0 for null rows).
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = lists.flatten()
+    # Null elements become NaN here, so they are caught as non-finite.
+    values = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=np.float64)
+    if values.shape[0] != lengths.sum():
+        raise AssertionError("embedding values do not line up with list lengths")
+
+    if embedding_dim is None:
+        dims, freq = np.unique(lengths[present], return_counts=True)
+        # np.unique sorts, so argmax takes the smaller dimension on a tie.
+        embedding_dim = int(dims[np.argmax(freq)]) if dims.size else 0
+    wrong_dimension = present & (lengths != embedding_dim)
+
+    row = np.repeat(np.arange(n), lengths)
+    bad = ~np.isfinite(values)
+    with np.errstate(over="ignore"):  # a huge but finite value may square to inf; that is not a zero norm
+        squares = np.where(bad, 0.0, values * values)
+    non_finite = present & ~wrong_dimension & (np.bincount(row, weights=bad, minlength=n) > 0)
+    norm = np.sqrt(np.bincount(row, weights=squares, minlength=n))
+    zero_norm = present & ~wrong_dimension & ~non_finite & (norm <= MIN_EMBEDDING_NORM)
+    return _EmbeddingChecks(
+        present=present, wrong_dimension=wrong_dimension, non_finite=non_finite, zero_norm=zero_norm
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Quarantine
+# --------------------------------------------------------------------------------------------------------
+
+
+def _quarantine(table: pa.Table, reasons: Sequence[str], rules: dict[str, np.ndarray]) -> Validated:
+    """Split ``table`` by the rule masks; a row breaking several rules gets the first in ``reasons``."""
+    n = table.num_rows
+    first_broken = np.full(n, -1, dtype=np.int64)
+    # Assign from the last rule to the first so that earlier rules overwrite later ones.
+    for index in range(len(reasons) - 1, -1, -1):
+        first_broken[rules[reasons[index]]] = index
+    rejected = first_broken >= 0
+
+    names = np.asarray(reasons, dtype=object)[first_broken[rejected]]
+    rejects = table.filter(pa.array(rejected)).append_column(
+        REJECT_REASON_COLUMN, pa.array(names, type=pa.string())
+    )
+    valid = table.filter(pa.array(~rejected))
+    if valid.num_rows + rejects.num_rows != n:
+        raise AssertionError(f"rows_in {n} != rows_out {valid.num_rows} + rejected {rejects.num_rows}")
+    return Validated(valid=valid, rejects=rejects)
+
+
+def _enforce_ceiling(name: str, result: Validated, max_reject_fraction: float, keys: Sequence[str]) -> None:
+    counts = result.counts
+    fraction = counts["rejected"] / counts["rows_in"]
+    if fraction <= max_reject_fraction:
+        return
+    examples = result.rejects.select([*keys, REJECT_REASON_COLUMN]).slice(0, _MAX_EXAMPLES).to_pylist()
+    shown = "; ".join(
+        ", ".join(f"{k}={row[k]!r}" for k in keys) + f": {row[REJECT_REASON_COLUMN]}" for row in examples
+    )
+    raise InputError(
+        f"{name}: {counts['rejected']} of {counts['rows_in']} rows rejected ({fraction:.2%}), "
+        f"above max_reject_fraction={max_reject_fraction:.2%}; by reason {counts['by_reason']}; "
+        f"examples: {shown}"
+    )

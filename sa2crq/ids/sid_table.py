@@ -1,0 +1,195 @@
+"""From full-depth codes to semantic IDs: lengths, buckets, disambiguation and the token layout.
+
+Token layout (:class:`SIDVocabulary`): 0 = PAD, 1 = EOS, then the codes of level 1, level 2, ...
+(each level its own token range, sized to that level's codebook including ACRQ extensions), then
+the ``digit_vocab`` disambiguation digits. A SID is its code tokens, an optional digit, and EOS,
+so a short ID and a longer one that extends it are both valid and distinct.
+
+Collision rules (DESIGN §3.3):
+* Items whose SID is a full-depth path shared with other items get a disambiguation digit, ranked
+  by popularity (descending), then item id. ``always_digit`` gives every full-depth ID a digit
+  (TIGER). A group larger than the digit vocabulary overflows: its first ``digit_vocab - 1`` items
+  get digits 0..digit_vocab-2 and the rest share the last digit as one bucket (reported as
+  ``digit_overflow_items``), so the vocabulary stays bounded and no item is dropped.
+* Items truncated to the same short SID form a bucket; retrieval expands the bucket into its items.
+* ``one_item_per_id``: every shared SID, truncated or not, is disambiguated; a group that would
+  overflow the digit vocabulary is an error naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from sa2crq.config import SIDConfig
+from sa2crq.data.segments import SEGMENT_NAMES
+from sa2crq.ids.trie import EOS, PAD
+from sa2crq.quantize.sarq import prefix_group_ids, sarq_lengths
+
+FIRST_CODE_TOKEN = 2
+
+
+@dataclass(frozen=True)
+class SIDVocabulary:
+    codebook_sizes: tuple[int, ...]
+    digit_vocab: int
+
+    @property
+    def level_offsets(self) -> np.ndarray:
+        return FIRST_CODE_TOKEN + np.concatenate([[0], np.cumsum(self.codebook_sizes)[:-1]]).astype(np.int64)
+
+    @property
+    def digit_offset(self) -> int:
+        return FIRST_CODE_TOKEN + int(sum(self.codebook_sizes))
+
+    @property
+    def size(self) -> int:
+        return self.digit_offset + self.digit_vocab
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest SID in tokens, EOS included."""
+        return len(self.codebook_sizes) + 2
+
+    def to_dict(self) -> dict:
+        return {"codebook_sizes": list(self.codebook_sizes), "digit_vocab": self.digit_vocab}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SIDVocabulary":
+        return cls(tuple(int(k) for k in data["codebook_sizes"]), int(data["digit_vocab"]))
+
+
+@dataclass(frozen=True)
+class SIDTable:
+    item_ids: np.ndarray
+    segments: np.ndarray  # int8 segment codes
+    popularity: np.ndarray
+    codes: np.ndarray  # (N, L) full-depth codes
+    code_depth: np.ndarray  # code levels kept in the SID
+    digit: np.ndarray  # disambiguation digit, -1 for none
+    tokens: np.ndarray  # (N, L + 2) SID tokens, EOS-terminated, PAD-filled
+    sid_index: np.ndarray  # dense id of the distinct SID
+    bucket_size: np.ndarray  # items sharing this item's SID
+    vocab: SIDVocabulary
+    tau: float | None
+    threshold: int | None
+    digit_overflow_items: int
+
+    @property
+    def sid_len(self) -> np.ndarray:
+        """Tokens before EOS (code levels plus the digit, if any)."""
+        return self.code_depth + (self.digit >= 0)
+
+    def to_arrow(self) -> pa.Table:
+        n_tokens = self.sid_len + 1
+        mask = np.arange(self.tokens.shape[1])[None, :] < n_tokens[:, None]
+        offsets = np.concatenate([[0], np.cumsum(n_tokens)]).astype(np.int32)
+        sid = pa.ListArray.from_arrays(pa.array(offsets), pa.array(self.tokens[mask].astype(np.int32)))
+        levels = self.codes.shape[1]
+        codes = pa.FixedSizeListArray.from_arrays(pa.array(self.codes.reshape(-1).astype(np.int32)), levels)
+        return pa.table(
+            {
+                "item_id": pa.array(self.item_ids),
+                "sid": sid,
+                "sid_len": pa.array(self.sid_len.astype(np.int16)),
+                "code_depth": pa.array(self.code_depth.astype(np.int16)),
+                "digit": pa.array(self.digit.astype(np.int16)),
+                "bucket_size": pa.array(self.bucket_size.astype(np.int32)),
+                "segment": pa.array(np.asarray(SEGMENT_NAMES)[self.segments]),
+                "popularity": pa.array(self.popularity.astype(np.int64)),
+                "codes": codes,
+            }
+        )
+
+
+def assign_sids(
+    item_ids: np.ndarray,
+    codes: np.ndarray,
+    popularity: np.ndarray,
+    segments: np.ndarray,
+    codebook_sizes: tuple[int, ...],
+    config: SIDConfig,
+) -> SIDTable:
+    """Vectorised over items: SARQ (or fixed) depths, then disambiguation digits, then tokens."""
+    item_ids = np.asarray(item_ids)
+    codes = np.asarray(codes, dtype=np.int64)
+    popularity = np.asarray(popularity, dtype=np.int64)
+    n, levels = codes.shape
+    if n == 0:
+        raise ValueError("cannot assign SIDs to an empty catalog")
+    if len(np.unique(item_ids)) != n:
+        raise ValueError("item ids must be unique")
+    vocab = SIDVocabulary(tuple(int(k) for k in codebook_sizes), config.digit_vocab)
+
+    groups = prefix_group_ids(codes)
+    if config.adaptive_length:
+        depth, tau, threshold = sarq_lengths(codes, popularity, config)
+    else:
+        depth, tau, threshold = np.full(n, levels, dtype=np.int64), None, None
+
+    # Items share a SID before digits iff they share depth and the prefix at that depth.
+    prefix_at_depth = np.stack(groups, axis=1)[np.arange(n), depth - 1]
+    _, before_digit = np.unique(depth * (int(prefix_at_depth.max()) + 1) + prefix_at_depth, return_inverse=True)
+    before_digit = before_digit.reshape(-1)
+    group_size = np.bincount(before_digit)[before_digit]
+    shared = group_size > 1
+    full = depth == levels
+    needs_digit = (shared | config.always_digit) & full
+    if config.one_item_per_id:
+        needs_digit |= shared
+
+    rank = _rank_within_groups(before_digit, popularity, item_ids)
+    if config.one_item_per_id:
+        overflow = needs_digit & (rank >= config.digit_vocab)
+        if overflow.any():
+            worst = before_digit[overflow][0]
+            size = int((before_digit == worst).sum())
+            raise ValueError(
+                f"one_item_per_id: {int(overflow.sum())} items exceed the digit vocabulary of {config.digit_vocab}; "
+                f"e.g. the group of item {item_ids[before_digit == worst][0]!r} has {size} items; raise sid.digit_vocab"
+            )
+    digit = np.where(needs_digit, np.minimum(rank, config.digit_vocab - 1), -1)
+    # Ranks from digit_vocab - 1 on share the last digit when their group has more than digit_vocab items.
+    overflow_items = int((needs_digit & (rank >= config.digit_vocab - 1) & (group_size > config.digit_vocab)).sum())
+
+    _, sid_index = np.unique(before_digit * (config.digit_vocab + 1) + (digit + 1), return_inverse=True)
+    sid_index = sid_index.reshape(-1).astype(np.int64)
+    bucket_size = np.bincount(sid_index)[sid_index]
+
+    tokens = np.full((n, levels + 2), PAD, dtype=np.int64)
+    code_tokens = vocab.level_offsets[None, :] + codes
+    keep = np.arange(levels)[None, :] < depth[:, None]
+    tokens[:, :levels] = np.where(keep, code_tokens, PAD)
+    rows = np.arange(n)
+    has_digit = digit >= 0
+    tokens[rows[has_digit], depth[has_digit]] = vocab.digit_offset + digit[has_digit]
+    tokens[rows, depth + has_digit] = EOS
+    return SIDTable(
+        item_ids=item_ids,
+        segments=np.asarray(segments, dtype=np.int8),
+        popularity=popularity,
+        codes=codes,
+        code_depth=depth,
+        digit=digit.astype(np.int64),
+        tokens=tokens,
+        sid_index=sid_index,
+        bucket_size=bucket_size,
+        vocab=vocab,
+        tau=tau,
+        threshold=threshold,
+        digit_overflow_items=overflow_items,
+    )
+
+
+def _rank_within_groups(groups: np.ndarray, popularity: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+    """0-based rank of each item inside its group: most popular first, ties by item id."""
+    _, id_order = np.unique(item_ids, return_inverse=True)
+    order = np.lexsort((id_order.reshape(-1), -popularity, groups))
+    sorted_groups = groups[order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - group_start
+    return rank

@@ -1,0 +1,496 @@
+"""Prefix trie of valid semantic IDs (DESIGN §3.3, §3.4), as compact flat arrays.
+
+A SID is a sequence of integer tokens in ``[0, vocab_size)`` that ends with :data:`EOS`
+(EOS nowhere else; :data:`PAD` never inside). A short ID and a longer ID extending it are
+both valid (``[5, 1]`` and ``[5, 9, 1]``). Several items may share a SID (a bucket); the trie
+is over *distinct* SIDs.
+
+Layout (CSR, all numpy; ``n_nodes`` nodes, ``n_edges = n_nodes - 1`` edges):
+
+* Nodes are numbered breadth-first: root is node 0 at depth 0, then every node of depth 1,
+  then depth 2, ...; within a depth, nodes are ordered by (parent, token). Hence the node
+  reached by edge ``e`` is node ``e + 1`` and ``child_nodes == arange(1, n_nodes)``.
+* ``offsets`` int64 (n_nodes + 1): the children of node ``n`` are edges
+  ``offsets[n]:offsets[n + 1]``, with ``child_tokens`` int32 (ascending within a node)
+  and ``child_nodes`` int64.
+* ``node_depth`` int32 (n_nodes,): number of tokens consumed to reach the node.
+* ``terminal_sid`` int64 (n_nodes,): for a node reached by consuming EOS (a leaf), the
+  index of its SID, else -1.
+* SID index = rank of the SID among the distinct SIDs in lexicographic order of the token
+  sequence (EOS sorts before every content token, so this is the depth-first leaf order of
+  the trie, and the SIDs below any prefix form a contiguous range of indices).
+* ``row_sid`` int64 (N,): for each row given to :meth:`SIDTrie.build`, its SID index
+  (duplicate rows share one index).
+
+Build: one lexicographic sort of the rows (columns packed into int64 keys), then a loop over
+depth only, where new prefix groups are runs of the sorted rows (no per-row or per-node loop).
+Decoding helpers (:meth:`SIDTrie.next_token_mask`, :meth:`SIDTrie.step`, :meth:`SIDTrie.sid_at`)
+are batched torch ops on the device of their input, with the arrays copied once per device and
+cached. ``step`` finds an edge by ``searchsorted`` on
+``edge_keys = parent * vocab_size + token``, which is strictly increasing by construction.
+
+On disk (:meth:`SIDTrie.save`): ``trie.safetensors`` (the arrays) and ``trie.json`` (format,
+version, vocab_size, max_length, PAD, EOS). No pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+PAD = 0
+EOS = 1
+
+FORMAT_NAME = "sa2crq.sid_trie"
+FORMAT_VERSION = 1
+ARRAYS_FILE = "trie.safetensors"
+META_FILE = "trie.json"
+
+_ARRAY_FIELDS = ("offsets", "child_tokens", "child_nodes", "node_depth", "terminal_sid", "row_sid")
+_ARRAY_DTYPES = {
+    "offsets": np.int64,
+    "child_tokens": np.int32,
+    "child_nodes": np.int64,
+    "node_depth": np.int32,
+    "terminal_sid": np.int64,
+    "row_sid": np.int64,
+}
+
+
+@dataclass(frozen=True)
+class TorchTrie:
+    """The arrays :class:`SIDTrie` needs for decoding, as int64 tensors on one device."""
+
+    offsets: torch.Tensor
+    child_tokens: torch.Tensor
+    child_nodes: torch.Tensor
+    edge_keys: torch.Tensor
+    terminal_sid: torch.Tensor
+    max_fanout: int
+
+
+def _lex_order(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Permutation sorting the (validated, PAD-padded) rows lexicographically.
+
+    Columns are packed into as few int64 keys as the token width allows (one key for
+    T * ceil(log2 V) <= 63 bits, e.g. 7 columns of 9 bits), then argsort / lexsort.
+    """
+    n_rows, width = tokens.shape
+    if n_rows == 0 or width == 0:
+        return np.arange(n_rows, dtype=np.int64)
+    bits = max(1, int(vocab_size - 1).bit_length())
+    per_key = max(1, 63 // bits)
+    keys = []
+    for c0 in range(0, width, per_key):
+        key = np.zeros(n_rows, dtype=np.int64)
+        for c in range(c0, min(c0 + per_key, width)):
+            key <<= bits
+            key |= tokens[:, c].astype(np.int64)
+        keys.append(key)
+    if len(keys) == 1:
+        return np.argsort(keys[0])  # equal keys are equal rows: stability not needed
+    return np.lexsort(keys[::-1])
+
+
+_VALIDATE_CHUNK = 1 << 22  # rows per validation chunk (bounds the (rows, T) temporaries)
+
+
+def _validate_rows(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int) -> None:
+    """Raise ValueError naming the first offending row (and the first rule it breaks)."""
+    for s in range(0, tokens.shape[0], _VALIDATE_CHUNK):
+        e = s + _VALIDATE_CHUNK
+        _validate_chunk(tokens[s:e], lengths[s:e], vocab_size, s)
+
+
+def _validate_chunk(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int, row0: int) -> None:
+    n, t = tokens.shape
+    pos = np.arange(t)[None, :]
+    len_ok = (lengths >= 1) & (lengths <= t)
+    safe_len = np.clip(lengths, 1, max(t, 1))
+    inside = pos < safe_len[:, None]
+    last = safe_len - 1
+    last_tok = tokens[np.arange(n), last] if t > 0 else np.full(n, PAD)
+    # (rule description, per-row bad mask) in the order they are reported for one row.
+    checks = [
+        (lambda i: f"length mismatch: length {lengths[i]} not in [1, {t}]", ~len_ok),
+        (
+            lambda i: f"token out of range [0, {vocab_size})",
+            ((tokens < 0) | (tokens >= vocab_size)).any(axis=1),
+        ),
+        (
+            lambda i: f"length mismatch: non-PAD token after length {lengths[i]}",
+            len_ok & ((tokens != PAD) & ~inside).any(axis=1),
+        ),
+        (
+            lambda i: f"PAD ({PAD}) inside the ID (before its length {lengths[i]})",
+            len_ok & ((tokens == PAD) & inside).any(axis=1),
+        ),
+        (
+            lambda i: f"EOS ({EOS}) missing at the end (position {lengths[i] - 1} holds {last_tok[i]})",
+            len_ok & (last_tok != EOS),
+        ),
+        (
+            lambda i: f"EOS ({EOS}) in the middle of the ID (before position {lengths[i] - 1})",
+            len_ok & ((tokens == EOS) & (pos < (safe_len - 1)[:, None])).any(axis=1),
+        ),
+    ]
+    first = n
+    for _, bad in checks:
+        hit = np.flatnonzero(bad)
+        if hit.size:
+            first = min(first, int(hit[0]))
+    if first == n:
+        return
+    for describe, bad in checks:
+        if bad[first]:
+            raise ValueError(f"invalid SID at row {row0 + first}: {describe(first)}")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass(frozen=True, eq=False)
+class SIDTrie:
+    """Prefix trie of distinct SIDs in CSR form; see the module docstring for the layout."""
+
+    offsets: np.ndarray
+    child_tokens: np.ndarray
+    child_nodes: np.ndarray
+    node_depth: np.ndarray
+    terminal_sid: np.ndarray
+    row_sid: np.ndarray
+    vocab_size: int
+    max_length: int
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, tokens: np.ndarray, lengths: np.ndarray, vocab_size: int) -> "SIDTrie":
+        """Build from right-padded rows ``tokens`` (N, T) with true ``lengths`` (N,).
+
+        Duplicate rows are allowed and share one SID index (``row_sid``). Raises ValueError
+        naming the first offending row if a row breaks the SID rules.
+        """
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths)
+        vocab_size = int(vocab_size)
+        if not (EOS < vocab_size <= np.iinfo(np.int32).max):
+            raise ValueError(f"vocab_size must be in ({EOS}, 2**31), got {vocab_size}")
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be 2-D (N, T), got shape {tokens.shape}")
+        if lengths.shape != (tokens.shape[0],):
+            raise ValueError(f"lengths must have shape ({tokens.shape[0]},), got {lengths.shape}")
+        if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+        if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(f"lengths must be integers, got {lengths.dtype}")
+        lengths = lengths.astype(np.int64, copy=False)
+        _validate_rows(tokens, lengths, vocab_size)
+
+        n_rows, width = tokens.shape
+        if (n_rows * width + 1) * vocab_size >= 2**62:
+            raise ValueError("trie too large for int64 edge keys")
+        # One lexicographic sort of the rows. Then, at every depth, the active rows (in sorted
+        # order) have non-decreasing (parent, token), so new prefix groups are runs: no sort per
+        # depth, and node ids come out breadth-first and ordered by (parent, token).
+        order = _lex_order(tokens, vocab_size)
+        len_s = lengths[order]
+        cur = np.zeros(n_rows, dtype=np.int64)  # node of each sorted row after the tokens so far
+        parents = [np.zeros(0, dtype=np.int64)]  # per depth d >= 1: parent node of each new node
+        toks = [np.zeros(0, dtype=np.int32)]
+        hi = 1  # first node id of the next depth
+        for d in range(width):
+            act = np.flatnonzero(len_s > d)
+            if act.size == 0:
+                break
+            tok = tokens[order[act], d].astype(np.int32)
+            par = cur[act]
+            new = np.ones(act.size, dtype=bool)
+            np.not_equal(par[1:], par[:-1], out=new[1:])
+            new[1:] |= tok[1:] != tok[:-1]
+            gid = np.cumsum(new, dtype=np.int64)
+            first = np.flatnonzero(new)
+            parents.append(par[first])
+            toks.append(tok[first])
+            cur[act] = hi - 1 + gid
+            hi += first.size
+        n_nodes = hi
+        max_length = len(parents) - 1
+        parent_of_edge = np.concatenate(parents)
+        child_tokens = np.concatenate(toks)
+        counts = np.bincount(parent_of_edge, minlength=n_nodes)
+        offsets = np.zeros(n_nodes + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        child_nodes = np.arange(1, n_nodes, dtype=np.int64)
+        node_depth = np.repeat(np.arange(len(parents), dtype=np.int32), [1] + [p.size for p in parents[1:]])
+
+        # SID index = rank in lexicographic order = run index of equal rows in sorted order
+        # (equal rows are adjacent; different rows end at different terminal nodes).
+        new_sid = np.ones(n_rows, dtype=bool)
+        np.not_equal(cur[1:], cur[:-1], out=new_sid[1:])
+        sid_sorted = np.cumsum(new_sid, dtype=np.int64) - 1
+        terminal_sid = np.full(n_nodes, -1, dtype=np.int64)
+        terminal_sid[cur] = sid_sorted
+        row_sid = np.empty(n_rows, dtype=np.int64)
+        row_sid[order] = sid_sorted
+        return cls(
+            offsets=offsets,
+            child_tokens=child_tokens,
+            child_nodes=child_nodes,
+            node_depth=node_depth,
+            terminal_sid=terminal_sid,
+            row_sid=row_sid.astype(np.int64, copy=False),
+            vocab_size=vocab_size,
+            max_length=int(max_length),
+        )
+
+    # ------------------------------------------------------------ properties
+    @property
+    def n_nodes(self) -> int:
+        return int(self.offsets.size - 1)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.child_tokens.size)
+
+    @cached_property
+    def n_sids(self) -> int:
+        """Number of distinct SIDs."""
+        return int(np.count_nonzero(self.terminal_sid >= 0))
+
+    @cached_property
+    def sid_node(self) -> np.ndarray:
+        """int64 (n_sids,): terminal node of each SID index (inverse of ``terminal_sid``)."""
+        nodes = np.flatnonzero(self.terminal_sid >= 0)
+        out = np.empty(nodes.size, dtype=np.int64)
+        out[self.terminal_sid[nodes]] = nodes
+        return out
+
+    @cached_property
+    def parent_of_edge(self) -> np.ndarray:
+        """int64 (n_edges,): the node each edge leaves from."""
+        return np.repeat(np.arange(self.n_nodes, dtype=np.int64), np.diff(self.offsets))
+
+    @cached_property
+    def edge_keys(self) -> np.ndarray:
+        """int64 (n_edges,): ``parent * vocab_size + token``, strictly increasing."""
+        return self.parent_of_edge * np.int64(self.vocab_size) + self.child_tokens.astype(np.int64)
+
+    # ------------------------------------------------------------ host-side
+    def accepts(self, tokens_1d: Iterable[int]) -> bool:
+        """True iff ``tokens_1d`` is exactly a SID in the trie (EOS included, no padding)."""
+        node = 0
+        for tok in np.asarray(list(tokens_1d)).ravel():
+            a, b = self.offsets[node], self.offsets[node + 1]
+            i = a + np.searchsorted(self.child_tokens[a:b], tok)
+            if i >= b or self.child_tokens[i] != tok:
+                return False
+            node = int(self.child_nodes[i])
+        return bool(self.terminal_sid[node] >= 0)
+
+    def lookup(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """SID index of each padded row (N, T) of the given lengths, -1 where it is not a SID."""
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        n_rows, width = tokens.shape
+        node = np.where((lengths >= 1) & (lengths <= width), 0, -1).astype(np.int64)
+        keys = self.edge_keys
+        for d in range(width):
+            act = np.flatnonzero((lengths > d) & (node >= 0))
+            if act.size == 0:
+                break
+            tok = tokens[act, d].astype(np.int64)
+            key = node[act] * np.int64(self.vocab_size) + tok
+            pos = np.minimum(np.searchsorted(keys, key), keys.size - 1)
+            ok = (tok >= 0) & (tok < self.vocab_size)
+            if keys.size:
+                ok &= keys[pos] == key
+                node[act] = np.where(ok, self.child_nodes[pos], -1)
+            else:
+                node[act] = -1
+        out = np.full(n_rows, -1, dtype=np.int64)
+        good = node >= 0
+        out[good] = self.terminal_sid[node[good]]
+        return out
+
+    def to_padded(self) -> tuple[np.ndarray, np.ndarray]:
+        """All distinct SIDs in SID-index order: tokens (n_sids, max_length) PAD-padded, lengths."""
+        nodes = self.sid_node
+        lengths = self.node_depth[nodes].astype(np.int64)
+        out = np.full((nodes.size, self.max_length), PAD, dtype=np.int32)
+        parent = self.parent_of_edge
+        cur = nodes.copy()
+        for d in range(self.max_length, 0, -1):
+            act = np.flatnonzero(lengths >= d)
+            out[act, d - 1] = self.child_tokens[cur[act] - 1]  # node n is reached by edge n - 1
+            cur[act] = parent[cur[act] - 1]
+        return out, lengths
+
+    def enumerate(self) -> list[tuple[int, ...]]:
+        """All SIDs (EOS included), in SID-index order. For tests and debugging."""
+        toks, lens = self.to_padded()
+        return [tuple(int(x) for x in row[:n]) for row, n in zip(toks, lens)]
+
+    def validate(self) -> None:
+        """Check the structural invariants (vectorised); raise ValueError on the first violation."""
+        n = self.n_nodes
+        checks = [
+            (n >= 1, "no root"),
+            (self.offsets[0] == 0 and self.offsets[-1] == self.n_edges, "offsets do not span the edges"),
+            (bool(np.all(np.diff(self.offsets) >= 0)), "offsets not non-decreasing"),
+            (self.child_nodes.size == self.n_edges == n - 1, "edge/node count mismatch"),
+            (np.array_equal(self.child_nodes, np.arange(1, n)), "nodes not numbered breadth-first"),
+            (self.node_depth.shape == (n,) and self.terminal_sid.shape == (n,), "node array shapes"),
+            (bool(np.all(np.diff(self.edge_keys) > 0)), "edges not sorted by (parent, token)"),
+            (bool(np.all((self.child_tokens > PAD) & (self.child_tokens < self.vocab_size))), "edge token out of range"),
+            (n == 1 or bool(np.all(self.node_depth[1:] == self.node_depth[self.parent_of_edge] + 1)), "node depths"),
+            (self.max_length == int(self.node_depth.max(initial=0)), "max_length"),
+            (
+                np.array_equal(self.terminal_sid >= 0, self._reached_by_eos()),
+                "terminal nodes are not exactly the nodes reached by EOS",
+            ),
+            (np.array_equal(np.sort(self.terminal_sid[self.terminal_sid >= 0]), np.arange(self.n_sids)), "SID indices"),
+            (bool(np.all((self.row_sid >= 0) & (self.row_sid < self.n_sids))), "row_sid out of range"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"corrupt SIDTrie: {what}")
+
+    def _reached_by_eos(self) -> np.ndarray:
+        out = np.zeros(self.n_nodes, dtype=bool)
+        out[self.child_nodes[self.child_tokens == EOS]] = True
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SIDTrie):
+            return NotImplemented
+        return (
+            self.vocab_size == other.vocab_size
+            and self.max_length == other.max_length
+            and all(
+                getattr(self, f).dtype == getattr(other, f).dtype and np.array_equal(getattr(self, f), getattr(other, f))
+                for f in _ARRAY_FIELDS
+            )
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # ---------------------------------------------------------------- torch
+    @cached_property
+    def _torch_cache(self) -> dict[torch.device, TorchTrie]:
+        return {}
+
+    def torch_arrays(self, device: torch.device | str | None = None) -> TorchTrie:
+        """Decoding tensors on ``device``, copied on first use and cached."""
+        dev = torch.empty(0, device=device).device  # normalise "cuda" -> "cuda:0"
+        cached = self._torch_cache.get(dev)
+        if cached is None:
+            def t(a: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)
+
+            cached = TorchTrie(
+                offsets=t(self.offsets),
+                child_tokens=t(self.child_tokens),
+                child_nodes=t(self.child_nodes),
+                edge_keys=t(self.edge_keys),
+                terminal_sid=t(self.terminal_sid),
+                max_fanout=int(np.diff(self.offsets).max(initial=0)),
+            )
+            self._torch_cache[dev] = cached
+        return cached
+
+    def to(self, device: torch.device | str) -> "SIDTrie":
+        """Copy the decoding tensors to ``device`` now (cached); returns ``self``."""
+        self.torch_arrays(device)
+        return self
+
+    def next_token_mask(self, nodes: torch.Tensor) -> torch.Tensor:
+        """bool (*nodes.shape, V): True for tokens with a child edge. Node -1 gives all False.
+
+        No host sync: gathers up to ``max_fanout`` (<= V) children per node and scatters them.
+        """
+        tt = self.torch_arrays(nodes.device)
+        v = self.vocab_size
+        flat = nodes.reshape(-1).long()
+        b = flat.numel()
+        mask = torch.zeros(b * v + 1, dtype=torch.bool, device=nodes.device)  # last slot: dump
+        if tt.max_fanout > 0 and b > 0:
+            valid_node = (flat >= 0) & (flat < self.n_nodes)
+            n = torch.where(valid_node, flat, 0)
+            start = tt.offsets[n]
+            count = torch.where(valid_node, tt.offsets[n + 1] - start, 0)
+            j = torch.arange(tt.max_fanout, device=nodes.device)
+            ok = j[None, :] < count[:, None]
+            edge = torch.where(ok, start[:, None] + j[None, :], 0)
+            tok = tt.child_tokens[edge]
+            row = torch.arange(b, device=nodes.device)[:, None]
+            mask[torch.where(ok, row * v + tok, b * v)] = True
+        return mask[: b * v].view(*nodes.shape, v)
+
+    def step(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Node reached from ``nodes`` by ``tokens`` (broadcast together), -1 where no such edge."""
+        nodes, tokens = torch.broadcast_tensors(nodes.long(), tokens.to(nodes.device).long())
+        tt = self.torch_arrays(nodes.device)
+        if self.n_edges == 0:
+            return torch.full_like(nodes, -1)
+        valid = (nodes >= 0) & (nodes < self.n_nodes) & (tokens >= 0) & (tokens < self.vocab_size)
+        key = nodes * self.vocab_size + tokens
+        pos = torch.searchsorted(tt.edge_keys, key.contiguous()).clamp_(max=self.n_edges - 1)
+        found = valid & (tt.edge_keys[pos] == key)
+        return torch.where(found, tt.child_nodes[pos], -1)
+
+    def sid_at(self, nodes: torch.Tensor) -> torch.Tensor:
+        """SID index of each node (-1 where the node does not end a SID, or is -1)."""
+        tt = self.torch_arrays(nodes.device)
+        n = nodes.long()
+        valid = (n >= 0) & (n < self.n_nodes)
+        return torch.where(valid, tt.terminal_sid[torch.where(valid, n, 0)], -1)
+
+    # ----------------------------------------------------------------- disk
+    def save(self, path_dir: str | os.PathLike) -> None:
+        """Write ``trie.safetensors`` and ``trie.json`` into ``path_dir`` (created if needed)."""
+        from safetensors.numpy import save_file
+
+        d = Path(path_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        arrays = {f: np.ascontiguousarray(getattr(self, f), dtype=_ARRAY_DTYPES[f]) for f in _ARRAY_FIELDS}
+        save_file(arrays, str(d / ARRAYS_FILE))
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "vocab_size": int(self.vocab_size),
+            "max_length": int(self.max_length),
+            "pad": PAD,
+            "eos": EOS,
+            "n_nodes": self.n_nodes,
+            "n_sids": self.n_sids,
+            "n_rows": int(self.row_sid.size),
+        }
+        (d / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path_dir: str | os.PathLike, validate: bool = True) -> "SIDTrie":
+        """Read a trie written by :meth:`save`; checks the format and (by default) the invariants."""
+        from safetensors.numpy import load_file
+
+        d = Path(path_dir)
+        meta = json.loads((d / META_FILE).read_text())
+        if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{d / META_FILE}: not a {FORMAT_NAME} v{FORMAT_VERSION} file: {meta.get('format')!r} v{meta.get('version')!r}")
+        if meta.get("pad") != PAD or meta.get("eos") != EOS:
+            raise ValueError(f"{d / META_FILE}: PAD/EOS {meta.get('pad')}/{meta.get('eos')} differ from {PAD}/{EOS}")
+        arrays = load_file(str(d / ARRAYS_FILE))
+        missing = [f for f in _ARRAY_FIELDS if f not in arrays]
+        if missing:
+            raise ValueError(f"{d / ARRAYS_FILE}: missing arrays {missing}")
+        for f in _ARRAY_FIELDS:
+            if arrays[f].dtype != _ARRAY_DTYPES[f] or arrays[f].ndim != 1:
+                raise ValueError(f"{d / ARRAYS_FILE}: {f} has dtype {arrays[f].dtype} / ndim {arrays[f].ndim}")
+        trie = cls(**{f: arrays[f] for f in _ARRAY_FIELDS}, vocab_size=int(meta["vocab_size"]), max_length=int(meta["max_length"]))
+        if validate:
+            trie.validate()
+        return trie

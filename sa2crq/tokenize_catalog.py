@@ -1,0 +1,112 @@
+"""The tokenizer run, end to end on one machine: validate -> embed -> segment -> fit -> encode -> SIDs -> write.
+
+This is the library's single-process path (tests, the demo, benchmarks). The distributed jobs
+run the same steps through Spark and Ray with the same functions underneath.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sa2crq.config import TokenizerConfig
+from sa2crq.data.embed import TextEmbedder, embed_items
+from sa2crq.data.segments import assign_segments
+from sa2crq.data.splits import popularity
+from sa2crq.data.validation import Validated, validate_interactions, validate_items, write_rejects
+from sa2crq.ids.sid_table import SIDTable, assign_sids
+from sa2crq.ids.trie import SIDTrie
+from sa2crq.metrics.tokenizer_report import tokenizer_report
+from sa2crq.quantize.tokenizer import Tokenizer, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+SID_TABLE_FILE = "sid_table.parquet"
+REPORT_FILE = "report.json"
+TOKENIZER_DIR = "tokenizer"
+TRIE_DIR = "trie"
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    table: SIDTable
+    tokenizer: Tokenizer
+    report: dict[str, Any]
+    items: Validated
+    interactions: Validated
+
+
+def item_embeddings(items: pa.Table, embedder: TextEmbedder | None) -> np.ndarray:
+    """The items' own ``embedding`` column when present, else the text embedding."""
+    if "embedding" in items.column_names:
+        flat = items.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(items.num_rows, -1).astype(np.float32)
+    if embedder is None:
+        raise ValueError("items have no embedding column and no text embedder was given")
+    return embed_items(items, embedder)
+
+
+def tokenize_catalog(
+    items: pa.Table,
+    interactions: pa.Table,
+    config: TokenizerConfig,
+    *,
+    embedder: TextEmbedder | None,
+    max_reject_fraction: float = 0.05,
+) -> TokenizeResult:
+    """Everything in memory; ``interactions`` are treated as training interactions."""
+    valid_items = validate_items(items, max_reject_fraction=max_reject_fraction)
+    valid_interactions = validate_interactions(
+        interactions, known_item_ids=valid_items.valid.column("item_id"), max_reject_fraction=max_reject_fraction
+    )
+    catalog = valid_items.valid
+    item_ids = catalog.column("item_id").to_numpy(zero_copy_only=False)
+    embeddings = item_embeddings(catalog, embedder)
+    pop = popularity(item_ids, valid_interactions.valid)
+    segments = assign_segments(item_ids, pop, config.segments)
+
+    tokenizer = build_tokenizer(config, embeddings.shape[1])
+    log.info("fitting %s tokenizer on %d items", config.method, len(item_ids))
+    fit_report = tokenizer.fit(embeddings, segments)
+    codes = tokenizer.encode(embeddings)
+    table = assign_sids(item_ids, codes, pop, segments, tokenizer.codebook_sizes(), config.sid)
+    report = tokenizer_report(table, fit_report, method=config.method, max_bucket=config.sid.max_bucket)
+    report["input"] = {"items": valid_items.counts, "interactions": valid_interactions.counts}
+    return TokenizeResult(table, tokenizer, report, valid_items, valid_interactions)
+
+
+def write_result(result: TokenizeResult, out_dir: str | Path) -> dict[str, str]:
+    """SID table, tokenizer checkpoint, trie, rejects and report under ``out_dir``; report last."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "sid_table": out / SID_TABLE_FILE,
+        "tokenizer": out / TOKENIZER_DIR,
+        "trie": out / TRIE_DIR,
+        "rejected_items": out / "rejected_items.parquet",
+        "rejected_interactions": out / "rejected_interactions.parquet",
+        "report": out / REPORT_FILE,
+    }
+    pq.write_table(result.table.to_arrow(), paths["sid_table"])
+    result.tokenizer.save(str(paths["tokenizer"]))
+    table = result.table
+    SIDTrie.build(table.tokens, table.sid_len + 1, table.vocab.size).save(paths["trie"])
+    write_rejects(result.items, paths["rejected_items"])
+    write_rejects(result.interactions, paths["rejected_interactions"])
+    paths["report"].write_text(json.dumps(result.report, indent=2, default=_json_default))
+    return {name: str(path) for name, path in paths.items()}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
