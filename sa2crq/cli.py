@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     sarq.add_argument("--seed", type=int, default=0)
     sarq.set_defaults(run=_bench_sarq)
 
+    quality = bench_kind.add_parser("quality", help="tokenizer variants + retriever under the DESIGN §5 protocol")
+    quality.add_argument("--data", required=True, type=Path, help="directory with items.parquet and interactions.parquet")
+    quality.add_argument("--profile", choices=["smoke", "cpu", "gpu"], default="smoke")
+    quality.add_argument("--out", required=True, type=Path, help="JSON results file (rewritten after every row)")
+    quality.add_argument("--device", help="torch device (default: cuda when available)")
+    quality.set_defaults(run=_bench_quality)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -124,6 +131,17 @@ def _bench_sarq(args: argparse.Namespace) -> int:
 
     for name, value in run_sarq_benchmark(args.items, args.levels, args.codebook_size, args.seed).items():
         print(f"{name}: {value}")
+    return 0
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from sa2crq.bench.quality import PROFILES, format_quality_table, run_quality_benchmark
+
+    result = run_quality_benchmark(args.data, PROFILES[args.profile], args.out, device=args.device)
+    print(f"profile {result['profile']} on {result['hardware']}, seeds {result['seeds']} (run 2: {result['cold_seeds']}), "
+          f"split seed {result['split_seed']}, {result['seconds']} s")
+    print(format_quality_table(result))
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -44,13 +44,28 @@ class TokenizeResult:
 
 
 def item_embeddings(items: pa.Table, embedder: TextEmbedder | None) -> np.ndarray:
-    """The items' own ``embedding`` column when present, else the text embedding."""
-    if "embedding" in items.column_names:
-        flat = items.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return flat.reshape(items.num_rows, -1).astype(np.float32)
-    if embedder is None:
-        raise ValueError("items have no embedding column and no text embedder was given")
-    return embed_items(items, embedder)
+    """L2-normalised (N, D) embeddings of validated items: each item's own ``embedding`` where it
+    has one, the text embedding of the rest."""
+    column = items.column("embedding").combine_chunks() if "embedding" in items.column_names else None
+    has_own = np.zeros(items.num_rows, dtype=bool) if column is None else column.is_valid().to_numpy(zero_copy_only=False)
+    if has_own.all():
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+        vectors = flat.reshape(items.num_rows, -1).astype(np.float32)
+    else:
+        if embedder is None:
+            raise ValueError(f"{int((~has_own).sum())} items have no embedding and no text embedder was given")
+        from_text = embed_items(items.filter(pa.array(~has_own)), embedder)
+        vectors = np.empty((items.num_rows, from_text.shape[1]), dtype=np.float32)
+        vectors[~has_own] = from_text
+        if has_own.any():
+            own = column.filter(pa.array(has_own)).flatten().to_numpy(zero_copy_only=False)
+            if own.size != has_own.sum() * from_text.shape[1]:
+                raise ValueError(
+                    f"item embeddings have dimension {own.size // int(has_own.sum())}, "
+                    f"the text embedder {from_text.shape[1]}: give every item an embedding or none"
+                )
+            vectors[has_own] = own.reshape(-1, from_text.shape[1])
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def tokenize_catalog(
@@ -60,8 +75,13 @@ def tokenize_catalog(
     *,
     embedder: TextEmbedder | None,
     max_reject_fraction: float = 0.05,
+    fitted: Tokenizer | None = None,
 ) -> TokenizeResult:
-    """Everything in memory; ``interactions`` are treated as training interactions."""
+    """Everything in memory; ``interactions`` are treated as training interactions.
+
+    ``fitted``: a tokenizer already trained on the same items and interactions (e.g. shared by two
+    variants that differ only in their SID rules); it is used as is instead of training a new one.
+    """
     valid_items = validate_items(items, max_reject_fraction=max_reject_fraction)
     valid_interactions = validate_interactions(
         interactions, known_item_ids=valid_items.valid.column("item_id"), max_reject_fraction=max_reject_fraction
@@ -72,12 +92,14 @@ def tokenize_catalog(
     pop = popularity(item_ids, valid_interactions.valid)
     segments = assign_segments(item_ids, pop, config.segments)
 
-    tokenizer = build_tokenizer(config, embeddings.shape[1])
-    log.info("fitting %s tokenizer on %d items", config.method, len(item_ids))
-    fit_report = tokenizer.fit(embeddings, segments)
+    tokenizer = fitted
+    if tokenizer is None:
+        tokenizer = build_tokenizer(config, embeddings.shape[1])
+        log.info("fitting %s tokenizer on %d items", config.method, len(item_ids))
+        tokenizer.fit(embeddings, segments)
     codes = tokenizer.encode(embeddings)
     table = assign_sids(item_ids, codes, pop, segments, tokenizer.codebook_sizes(), config.sid)
-    report = tokenizer_report(table, fit_report, method=config.method, max_bucket=config.sid.max_bucket)
+    report = tokenizer_report(table, tokenizer.fit_report, method=config.method, max_bucket=config.sid.max_bucket)
     report["input"] = {"items": valid_items.counts, "interactions": valid_interactions.counts}
     return TokenizeResult(table, tokenizer, report, valid_items, valid_interactions)
 

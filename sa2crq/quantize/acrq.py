@@ -33,7 +33,7 @@ import torch
 
 from sa2crq.config import ACRQConfig, RQVAEConfig
 from sa2crq.data.segments import COLD, HEAD, TAIL, TORSO
-from sa2crq.quantize import distributed
+from sa2crq import distributed
 from sa2crq.quantize.kmeans import kmeans, squared_distances
 from sa2crq.quantize.rqvae import RQVAE
 from sa2crq.quantize.training import quantization_loss, run_epochs, train_rqvae
@@ -153,7 +153,7 @@ def _train_phase2_stage(
     for p in trainable:
         p.requires_grad_(True)
     n_anchor = rq.codebook_size
-    steps = max(1, -(-x.shape[0] // rq.batch_size))
+    steps = distributed.steps_per_epoch(x.shape[0], rq.batch_size)
 
     def loss_fn(step: int, idx: torch.Tensor) -> torch.Tensor:
         progress = min(1.0, (epoch_offset + step / steps) / total_epochs)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sa2crq.config import RQVAEConfig
-from sa2crq.quantize import distributed
+from sa2crq import distributed
 from sa2crq.quantize.kmeans import kmeans, squared_distances
 
 

@@ -29,10 +29,15 @@ class Tokenizer(ABC):
     def __init__(self, config: TokenizerConfig, input_dim: int) -> None:
         self.config = config
         self.input_dim = input_dim
+        self.fit_report: dict[str, Any] = {}
+
+    def fit(self, embeddings: np.ndarray, segments: np.ndarray) -> dict[str, Any]:
+        """Train on this catalog; returns (and keeps, as ``fit_report``) a JSON-able fit report."""
+        self.fit_report = self._fit(embeddings, segments)
+        return self.fit_report
 
     @abstractmethod
-    def fit(self, embeddings: np.ndarray, segments: np.ndarray) -> dict[str, Any]:
-        """Train on this catalog; returns a JSON-able fit report."""
+    def _fit(self, embeddings: np.ndarray, segments: np.ndarray) -> dict[str, Any]: ...
 
     @abstractmethod
     def encode(self, embeddings: np.ndarray) -> np.ndarray:
@@ -66,7 +71,7 @@ class Tokenizer(ABC):
     def _check_input(self, embeddings: np.ndarray) -> torch.Tensor:
         if embeddings.ndim != 2 or embeddings.shape[1] != self.input_dim:
             raise ValueError(f"embeddings must be (N, {self.input_dim}), got {embeddings.shape}")
-        return torch.as_tensor(np.ascontiguousarray(embeddings, dtype=np.float32))
+        return torch.tensor(np.asarray(embeddings, dtype=np.float32))  # a copy: inputs may be read-only
 
 
 class _RQVAEBacked(Tokenizer):
@@ -102,7 +107,7 @@ class _RQVAEBacked(Tokenizer):
 class RQVAETokenizer(_RQVAEBacked):
     kind = "rqvae"
 
-    def fit(self, embeddings: np.ndarray, segments: np.ndarray) -> dict[str, Any]:
+    def _fit(self, embeddings: np.ndarray, segments: np.ndarray) -> dict[str, Any]:
         x = self._check_input(embeddings)
         losses = train_rqvae(self.model, x, self.config.rqvae, self._generator(), name="rqvae")
         for p in self.model.parameters():
@@ -113,7 +118,7 @@ class RQVAETokenizer(_RQVAEBacked):
 class ACRQTokenizer(_RQVAEBacked):
     kind = "acrq"
 
-    def fit(self, embeddings: np.ndarray, segments: np.ndarray) -> dict[str, Any]:
+    def _fit(self, embeddings: np.ndarray, segments: np.ndarray) -> dict[str, Any]:
         x = self._check_input(embeddings)
         self.model, report = train_acrq(x, segments, self.config.rqvae, self.config.acrq, self._generator())
         return {"acrq": report.to_dict()}
@@ -129,7 +134,7 @@ class RQKMeansTokenizer(Tokenizer):
         rq: RQVAEConfig = config.rqvae
         self.codebooks = torch.zeros(rq.levels, rq.codebook_size, input_dim)
 
-    def fit(self, embeddings: np.ndarray, segments: np.ndarray) -> dict[str, Any]:
+    def _fit(self, embeddings: np.ndarray, segments: np.ndarray) -> dict[str, Any]:
         import faiss  # baseline only: the learned tokenizers and the GPU path must not need faiss
 
         rq = self.config.rqvae

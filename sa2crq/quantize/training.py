@@ -7,28 +7,19 @@ Data-parallel ready: each rank passes its own shard; every rank runs the same nu
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from sa2crq.config import RQVAEConfig
-from sa2crq.quantize import distributed
+from sa2crq import distributed
 from sa2crq.quantize.rqvae import RQVAE, Quantized
 
 log = logging.getLogger(__name__)
 
 # (step, batch indices into the stage's rows) -> scalar loss
 LossFn = Callable[[int, torch.Tensor], torch.Tensor]
-
-
-def steps_per_epoch(n_local: int, batch_size: int) -> int:
-    """The same on every rank: the largest shard decides."""
-    n = torch.tensor([n_local], dtype=torch.float64)
-    if distributed.is_distributed():
-        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-    return max(1, math.ceil(int(n.item()) / batch_size))
 
 
 def run_epochs(
@@ -47,7 +38,7 @@ def run_epochs(
     """Plain AdamW over shuffled minibatches of ``n_rows`` rows; returns the mean loss per epoch."""
     params = [p for p in parameters if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    steps = steps_per_epoch(n_rows, batch_size)
+    steps = distributed.steps_per_epoch(n_rows, batch_size)
     history: list[float] = []
     step = 0
     for epoch in range(epochs):

@@ -1,4 +1,4 @@
-"""The few collective operations the quantizers need, as no-ops outside a process group.
+"""The few collective operations training needs, as no-ops outside a process group.
 
 The training code calls these unconditionally, so one code path serves a single process, a
 ``torchrun``/gloo group and Ray Train's ``TorchTrainer`` (which initialises the group for us).
@@ -58,3 +58,11 @@ def gather_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(world_size())]
     dist.all_gather(parts, local)
     return torch.cat(parts)
+
+
+def steps_per_epoch(n_local: int, batch_size: int) -> int:
+    """The same on every rank: the largest shard decides, shorter shards wrap around."""
+    n = torch.tensor([n_local], dtype=torch.float64)
+    if is_distributed():
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return max(1, -(-int(n.item()) // batch_size))

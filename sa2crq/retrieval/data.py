@@ -1,0 +1,141 @@
+"""Requests for the generative retriever: user histories as SID token sequences, and their targets.
+
+Items are addressed by their dense index: the row of the item in the SID table. A request holds
+the indices of the user's most recent ``max_history`` items (oldest first, -1 padded on the left)
+and the target item. The encoder input is built on the fly, on the model's device, from those
+indices and the SID table's token rows: a hashed user token, then each history item's SID tokens
+(EOS included, so variable-length IDs stay unambiguous), PAD removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from sa2crq.ids.trie import PAD
+
+
+@dataclass(frozen=True, eq=False)
+class ItemIndex:
+    """Maps item ids to dense indices (their row in the SID table)."""
+
+    item_ids: np.ndarray
+
+    def __post_init__(self) -> None:
+        order = np.argsort(self.item_ids, kind="stable")
+        object.__setattr__(self, "_order", order)
+        object.__setattr__(self, "_sorted", self.item_ids[order])
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Dense index of each id; an unknown id is an error naming it."""
+        ids = np.asarray(ids)
+        pos = np.clip(np.searchsorted(self._sorted, ids), 0, max(len(self._sorted) - 1, 0))
+        found = len(self._sorted) > 0 and self._sorted[pos] == ids
+        if not np.all(found):
+            missing = ids[~np.asarray(found, dtype=bool)] if np.ndim(found) else ids
+            raise ValueError(f"{len(missing)} interactions name items missing from the SID table, e.g. {missing[:5].tolist()}")
+        return self._order[pos]
+
+
+@dataclass(frozen=True, eq=False)
+class Sequences:
+    """Per-user chronological item sequences in CSR form (``items[indptr[u]:indptr[u+1]]``)."""
+
+    user_ids: np.ndarray
+    indptr: np.ndarray
+    items: np.ndarray
+
+    @classmethod
+    def from_interactions(cls, interactions: pa.Table, index: ItemIndex) -> "Sequences":
+        """``interactions`` sorted by (user, timestamp), as the splits return them."""
+        users = interactions.column("user_id").to_numpy(zero_copy_only=False)
+        items = index.lookup(interactions.column("item_id").to_numpy(zero_copy_only=False))
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, dtype=np.int64)
+        if len(starts) > 1 and not (users[starts[1:]] > users[starts[:-1]]).all():
+            raise ValueError("interactions must be sorted by (user, timestamp), as the splits return them")
+        return cls(users[starts], np.r_[starts, len(users)].astype(np.int64), items.astype(np.int64))
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+
+@dataclass(frozen=True, eq=False)
+class Requests:
+    user_ids: np.ndarray  # (R,)
+    history: np.ndarray  # (R, H) dense item indices, oldest first, -1 padded on the left
+    target: np.ndarray  # (R,) dense item index; -1 when unknown (pure inference)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def subset(self, rows: np.ndarray) -> "Requests":
+        return Requests(self.user_ids[rows], self.history[rows], self.target[rows])
+
+    def history_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """(indptr, indices) of each request's non-padding history items, for exclusion."""
+        valid = self.history >= 0
+        return np.r_[0, np.cumsum(valid.sum(1))].astype(np.int64), self.history[valid]
+
+
+def _windows(seq: Sequences, ends: np.ndarray, owners: np.ndarray, max_history: int) -> np.ndarray:
+    """(R, H): for request r, the items of user owners[r] at positions [ends[r]-H, ends[r]), -1 padded."""
+    offsets = np.arange(-max_history, 0)
+    pos = ends[:, None] + offsets[None, :]
+    inside = pos >= seq.indptr[owners][:, None]
+    return np.where(inside, seq.items[np.clip(pos, 0, None)], -1)
+
+
+def training_requests(train: Sequences, max_history: int) -> Requests:
+    """Every position t >= 1 of every training sequence: history = the items before t, target = item t."""
+    lengths = train.lengths()
+    owners = np.repeat(np.arange(len(lengths)), np.maximum(lengths - 1, 0))
+    # Global positions of every item but each user's first.
+    first = np.zeros(len(train.items), dtype=bool)
+    first[train.indptr[:-1][lengths > 0]] = True
+    ends = np.flatnonzero(~first)
+    return Requests(train.user_ids[owners], _windows(train, ends, owners, max_history), train.items[ends])
+
+
+def evaluation_requests(history: Sequences, targets: pa.Table, index: ItemIndex, max_history: int) -> Requests:
+    """One request per target row: the user's whole ``history`` sequence before it, then the target.
+
+    Targets of users with no history get an all-padding history (only the user token remains).
+    """
+    users = targets.column("user_id").to_numpy(zero_copy_only=False)
+    target_items = index.lookup(targets.column("item_id").to_numpy(zero_copy_only=False))
+    windows = np.full((len(users), max_history), -1, dtype=np.int64)
+    if len(history.user_ids):
+        pos = np.minimum(np.searchsorted(history.user_ids, users), len(history.user_ids) - 1)
+        known = history.user_ids[pos] == users
+        owners = pos[known]
+        windows[known] = _windows(history, history.indptr[owners + 1], owners, max_history)
+    return Requests(users, windows, target_items.astype(np.int64))
+
+
+def user_token(user_ids: np.ndarray, buckets: int, offset: int) -> np.ndarray:
+    """Hashed user token: a stable hash of the id (int or string), so ids need not be dense."""
+    hashed = pd.util.hash_array(np.asarray(user_ids), categorize=False)
+    return (offset + (hashed % np.uint64(buckets))).astype(np.int64)
+
+
+def encoder_tokens(history: torch.Tensor, users: torch.Tensor, sid_tokens: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + H*T) encoder input: user token, then the history items' SID tokens, PAD squeezed out.
+
+    ``history`` (B, H) dense indices (-1 = padding), ``users`` (B,) user tokens, ``sid_tokens``
+    (N, T) EOS-terminated, PAD-filled token rows of the SID table.
+    """
+    b, h = history.shape
+    rows = sid_tokens[history.clamp_min(0)]  # (B, H, T)
+    rows = torch.where((history >= 0)[:, :, None], rows, torch.full_like(rows, PAD)).reshape(b, -1)
+    # Stable sort on "is padding" moves real tokens to the front in their original order.
+    order = torch.sort((rows == PAD).to(torch.int8), dim=1, stable=True).indices
+    packed = torch.gather(rows, 1, order)
+    width = int((rows != PAD).sum(1).max().item()) if rows.numel() else 0
+    return torch.cat([users[:, None], packed[:, :width]], dim=1)

@@ -1,0 +1,334 @@
+"""Generative retriever: a T5-style encoder–decoder over SID tokens (DESIGN §3.4).
+
+The encoder reads the request: a user's recent items as SID tokens (plus extra tokens such as a
+hashed user id, numbered from ``vocab_size`` on), and/or a query text embedding that a linear layer
+projects to ``query_tokens`` input vectors, which are prepended to the token sequence. The decoder
+writes the target item's SID tokens, then EOS.
+
+Architecture (T5 v1.1-like): pre-norm RMSNorm, attention with inner width ``num_heads * head_dim``
+projected back to ``d_model``, bucketed relative position bias (bidirectional in the encoder,
+causal in decoder self-attention, one bias table per stack shared by its layers, none in
+cross-attention), ReLU feed-forward, dropout, separate encoder/decoder embeddings and an untied
+output layer.
+
+Token conventions (shared with :mod:`sa2crq.ids.trie`): PAD = 0, EOS = 1. PAD in the encoder input
+is padding (masked out, on either side). PAD is also the decoder start token, as in T5: for a
+target SID ``y`` (EOS-terminated, PAD-padded), ``decoder_input = [PAD] + y[:-1]``
+(:func:`shift_right`) and the loss ignores PAD targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sa2crq.ids.trie import EOS, PAD
+
+DECODER_START = PAD
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class RetrieverConfig:
+    """Shape of the generative retriever. Defaults are TIGER's (DESIGN §3.4).
+
+    ``vocab_size`` is the SID (decoder) vocabulary, PAD and EOS included. ``encoder_vocab_size``
+    (default: ``vocab_size``) adds the encoder-only tokens after the SID tokens, e.g. hashed user
+    ids. ``query_dim`` is the query text-embedding width, 0 for a model without query input.
+    """
+
+    vocab_size: int
+    encoder_vocab_size: int | None = None
+    query_dim: int = 0
+    query_tokens: int = 4
+    d_model: int = 128
+    num_heads: int = 6
+    head_dim: int = 64
+    d_ff: int = 1024
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    dropout: float = 0.1
+    relative_attention_buckets: int = 32
+    relative_attention_max_distance: int = 128
+
+    def __post_init__(self) -> None:
+        if self.encoder_vocab_size is None:
+            object.__setattr__(self, "encoder_vocab_size", self.vocab_size)
+        ints = (
+            "vocab_size", "encoder_vocab_size", "query_dim", "query_tokens", "d_model", "num_heads", "head_dim",
+            "d_ff", "encoder_layers", "decoder_layers", "relative_attention_buckets", "relative_attention_max_distance",
+        )  # fmt: skip
+        for name in ints:
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool), f"retriever.{name} must be an int, got {value!r}")
+        _require(self.vocab_size > EOS + 1, f"retriever.vocab_size must exceed {EOS + 1} (PAD, EOS, codes), got {self.vocab_size}")
+        _require(
+            self.encoder_vocab_size >= self.vocab_size,
+            f"retriever.encoder_vocab_size ({self.encoder_vocab_size}) must be >= vocab_size ({self.vocab_size})",
+        )
+        _require(self.query_dim >= 0, f"retriever.query_dim must be >= 0, got {self.query_dim}")
+        _require(self.query_tokens >= 1, f"retriever.query_tokens must be >= 1, got {self.query_tokens}")
+        for name in ("d_model", "num_heads", "head_dim", "d_ff", "encoder_layers", "decoder_layers"):
+            _require(getattr(self, name) >= 1, f"retriever.{name} must be >= 1, got {getattr(self, name)}")
+        _require(0.0 <= self.dropout < 1.0, f"retriever.dropout must be in [0, 1), got {self.dropout}")
+        # Bidirectional buckets split in two halves, each half an exact range plus a log range.
+        _require(
+            self.relative_attention_buckets >= 4,
+            f"retriever.relative_attention_buckets must be >= 4, got {self.relative_attention_buckets}",
+        )
+        _require(
+            self.relative_attention_max_distance > self.relative_attention_buckets // 2,
+            "retriever.relative_attention_max_distance must exceed relative_attention_buckets // 2",
+        )
+
+    @property
+    def inner_dim(self) -> int:
+        """Attention width, ``num_heads * head_dim`` (T5-style, independent of ``d_model``)."""
+        return self.num_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RetrieverConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _require(not unknown, f"unknown retriever config field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def shift_right(targets: torch.Tensor) -> torch.Tensor:
+    """Teacher-forcing decoder input for PAD-padded targets (..., T): ``[PAD] + targets[..., :-1]``."""
+    start = torch.full_like(targets[..., :1], DECODER_START)
+    return torch.cat([start, targets[..., :-1]], dim=-1)
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucketing of ``key_pos - query_pos``: exact for small distances, log-spaced up to
+    ``max_distance``, one bucket beyond. Bidirectional uses half the buckets per direction; causal
+    maps every future offset to bucket 0 (it is masked anyway)."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # clamp(min=1) only keeps log() finite where the small branch is taken anyway.
+    large = max_exact + (
+        torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned per-head scalar bias per relative-position bucket; computed once per stack."""
+
+    def __init__(self, num_heads: int, num_buckets: int, max_distance: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+        self.embedding = nn.Embedding(num_buckets, num_heads)
+
+    def forward(self, query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
+        """(1, H, query_len, key_len) additive bias."""
+        q = torch.arange(query_len, device=device)[:, None]
+        k = torch.arange(key_len, device=device)[None, :]
+        bucket = relative_position_bucket(
+            k - q, bidirectional=self.bidirectional, num_buckets=self.num_buckets, max_distance=self.max_distance
+        )
+        return self.embedding(bucket).permute(2, 0, 1).unsqueeze(0)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with T5 inner width ``num_heads * head_dim`` and no biases."""
+
+    def __init__(self, config: RetrieverConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        inner = config.inner_dim
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        """``attn_bias`` is additive, broadcastable to (B, H, Tq, Tk), masked entries at dtype min."""
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
+        )
+        b, _, n, _ = out.shape
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: RetrieverConfig) -> None:
+        super().__init__()
+        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(self.dropout(F.relu(self.wi(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: RetrieverConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.attn = Attention(config)
+        self.ff_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.ff = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        h = self.attn_norm(x)
+        x = x + self.dropout(self.attn(h, h, attn_bias))
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: RetrieverConfig) -> None:
+        super().__init__()
+        self.self_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.self_attn = Attention(config)
+        self.cross_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.cross_attn = Attention(config)
+        self.ff_norm = nn.RMSNorm(config.d_model, eps=1e-6)
+        self.ff = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, self_bias: torch.Tensor, memory: torch.Tensor, cross_bias: torch.Tensor
+    ) -> torch.Tensor:
+        h = self.self_norm(x)
+        x = x + self.dropout(self.self_attn(h, h, self_bias))
+        x = x + self.dropout(self.cross_attn(self.cross_norm(x), memory, cross_bias))
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
+def _mask_value(dtype: torch.dtype) -> float:
+    # A finite minimum rather than -inf: a row with no visible key gives finite garbage, not NaN.
+    return torch.finfo(dtype).min
+
+
+class GenerativeRetriever(nn.Module):
+    """T5-style encoder–decoder from a request to the SID of the item to retrieve.
+
+    Weights are drawn from the global torch RNG: seed with ``torch.manual_seed`` before
+    construction for a reproducible model.
+    """
+
+    def __init__(self, config: RetrieverConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.encoder_embedding = nn.Embedding(config.encoder_vocab_size, d)
+        self.decoder_embedding = nn.Embedding(config.vocab_size, d)
+        self.query_projection = nn.Linear(config.query_dim, config.query_tokens * d) if config.query_dim > 0 else None
+        self.encoder_position_bias = RelativePositionBias(
+            config.num_heads, config.relative_attention_buckets, config.relative_attention_max_distance, bidirectional=True
+        )
+        self.decoder_position_bias = RelativePositionBias(
+            config.num_heads, config.relative_attention_buckets, config.relative_attention_max_distance, bidirectional=False
+        )
+        self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
+        self.encoder_norm = nn.RMSNorm(d, eps=1e-6)
+        self.decoder_norm = nn.RMSNorm(d, eps=1e-6)
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(d, config.vocab_size, bias=False)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- encoder ---------------------------------------------------------------------------
+    def encode(
+        self, encoder_tokens: torch.Tensor | None, query: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a batch of requests.
+
+        ``encoder_tokens`` (B, S) long, PAD-padded (may be None when a query is given);
+        ``query`` (B, query_dim) float. Returns ``memory`` (B, S', d_model) and ``memory_mask``
+        (B, S') bool, True at real positions, where S' = query_tokens (if a query) + S.
+        """
+        parts: list[torch.Tensor] = []
+        masks: list[torch.Tensor] = []
+        if query is not None:
+            if self.query_projection is None:
+                raise ValueError("this retriever has no query input (config.query_dim == 0)")
+            if query.dim() != 2 or query.shape[1] != self.config.query_dim:
+                raise ValueError(f"query must be (B, {self.config.query_dim}), got {tuple(query.shape)}")
+            q = self.query_projection(query.to(self.query_projection.weight.dtype))
+            parts.append(q.view(query.shape[0], self.config.query_tokens, self.config.d_model))
+            masks.append(torch.ones(query.shape[0], self.config.query_tokens, dtype=torch.bool, device=query.device))
+        if encoder_tokens is not None:
+            if encoder_tokens.dim() != 2:
+                raise ValueError(f"encoder_tokens must be (B, S), got {tuple(encoder_tokens.shape)}")
+            parts.append(self.encoder_embedding(encoder_tokens))
+            masks.append(encoder_tokens != PAD)
+        if not parts:
+            raise ValueError("encode needs encoder_tokens, a query, or both")
+        if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:
+            raise ValueError(f"batch size mismatch: query {parts[0].shape[0]} vs tokens {parts[1].shape[0]}")
+        x = torch.cat(parts, dim=1)
+        mask = torch.cat(masks, dim=1)
+
+        seq = x.shape[1]
+        bias = self.encoder_position_bias(seq, seq, x.device)  # (1, H, S', S')
+        bias = bias.masked_fill(~mask[:, None, None, :], _mask_value(bias.dtype))  # (B, H, S', S')
+        x = self.dropout(x)
+        for layer in self.encoder_layers:
+            x = layer(x, bias)
+        return self.dropout(self.encoder_norm(x)), mask
+
+    # -- decoder ---------------------------------------------------------------------------
+    def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor, decoder_input: torch.Tensor) -> torch.Tensor:
+        """Causal decoder: ``decoder_input`` (B, T) long, starting with PAD (see :func:`shift_right`).
+
+        Returns logits (B, T, vocab_size); position t sees decoder_input[:, :t + 1] and all
+        real memory positions.
+        """
+        if decoder_input.dim() != 2 or decoder_input.shape[0] != memory.shape[0]:
+            raise ValueError(f"decoder_input must be (B={memory.shape[0]}, T), got {tuple(decoder_input.shape)}")
+        t = decoder_input.shape[1]
+        x = self.decoder_embedding(decoder_input)
+        bias = self.decoder_position_bias(t, t, x.device)  # (1, H, T, T)
+        future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        self_bias = bias.masked_fill(future, _mask_value(bias.dtype))
+        cross_bias = torch.zeros(memory_mask.shape, dtype=x.dtype, device=x.device)
+        cross_bias = cross_bias.masked_fill(~memory_mask, _mask_value(x.dtype))[:, None, None, :]  # (B, 1, 1, S)
+        x = self.dropout(x)
+        for layer in self.decoder_layers:
+            x = layer(x, self_bias, memory, cross_bias)
+        return self.output(self.dropout(self.decoder_norm(x)))
+
+    def forward(
+        self, encoder_tokens: torch.Tensor | None, decoder_input: torch.Tensor, query: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced logits (B, T, vocab_size)."""
+        memory, memory_mask = self.encode(encoder_tokens, query)
+        return self.decode(memory, memory_mask, decoder_input)
