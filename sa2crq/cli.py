@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--out", required=True, type=Path)
     data.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    data.add_argument(
+        "--with-embeddings", action="store_true",
+        help="add the MiniLM text embedding as an `embedding` column (for machines without the text model)",
+    )
     data.set_defaults(run=_datasets)
 
     compare = commands.add_parser("compare-reports", help="side-by-side markdown table of tokenizer reports")
@@ -90,6 +94,7 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _datasets(args: argparse.Namespace) -> int:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from sa2crq.data.datasets import load_amazon_beauty, load_movielens_100k
@@ -99,6 +104,12 @@ def _datasets(args: argparse.Namespace) -> int:
         items, interactions = load_amazon_beauty()
     else:
         items, interactions = load_movielens_100k(args.cache)
+    if args.with_embeddings:
+        from sa2crq.data.embed import TextEmbedder
+        from sa2crq.tokenize_catalog import item_embeddings
+
+        vectors = item_embeddings(items, TextEmbedder(args.cache / "embeddings"))
+        items = items.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]))
     args.out.mkdir(parents=True, exist_ok=True)
     tables = {"items": items}
     if args.split == "full":

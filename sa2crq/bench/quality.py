@@ -4,7 +4,7 @@ Run 1: plain leave-one-out (last item test, second-last validation), full-catalo
 item level, comparable with published numbers. Run 2: a seeded 10% of items held out of training
 (cold start), evaluated on users whose test target is held out; its numbers are reported only as
 cold R@10. Popularity, segments and SIDs see each run's training interactions only. Every variant
-gets the same retriever shape, training budget (epochs and wall-clock cap), beam width and item
+gets the same retriever shape, training budget (epochs and optimiser steps), beam width and item
 scorer; items in the request's history (training items, plus the validation item for test
 requests) are excluded from every top-K. The dense k-NN row ranks items by the cosine similarity
 of the request embedding (the last history item's text embedding, as the scorer uses).
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from sa2crq.bench import hardware
 from sa2crq.config import SegmentConfig, TokenizerConfig
 from sa2crq.data.datasets import read_interactions, read_items
 from sa2crq.data.segments import COLD, TAIL, assign_segments
@@ -88,10 +88,11 @@ PROFILES: dict[str, Profile] = {
     # Budget-matched, not converged: sized so all variants and both runs finish within ~60 min on 2 cores.
     "cpu": Profile(
         name="cpu",
-        tokenizer={"rqvae.epochs": 60, "acrq.epochs_per_stage": 15},
-        retriever={"d_model": 64, "num_heads": 4, "head_dim": 16, "d_ff": 256, "encoder_layers": 2, "decoder_layers": 2},
-        train=RetrieverTrainConfig(epochs=4, batch_size=512, learning_rate=2e-3, warmup_steps=100, max_history=10,
-                                   patience=2, time_budget_s=150),
+        tokenizer={"rqvae.epochs": 40, "acrq.epochs_per_stage": 10},
+        retriever={"d_model": 64, "num_heads": 4, "head_dim": 16, "d_ff": 256, "encoder_layers": 2, "decoder_layers": 2,
+                   "dropout": 0.0},
+        train=RetrieverTrainConfig(epochs=3, batch_size=512, learning_rate=2e-3, warmup_steps=100, max_history=8,
+                                   patience=2, max_steps=200),
         generation=GenerationConfig(beam_width=20, k=10, batch_size=512),
         seeds=(0, 1),
         cold_seeds=(0,),
@@ -102,7 +103,7 @@ PROFILES: dict[str, Profile] = {
         tokenizer={},
         retriever={},
         train=RetrieverTrainConfig(epochs=30, batch_size=1024, learning_rate=2e-3, warmup_steps=300, max_history=20,
-                                   patience=3, time_budget_s=100),
+                                   patience=3, max_steps=3000),
         generation=GenerationConfig(beam_width=30, k=10, batch_size=1024),
         seeds=(0, 1),
         cold_seeds=(0,),
@@ -253,7 +254,7 @@ def _train_and_evaluate(
     metrics = _metrics(candidates.items, candidates.from_bucket, test_requests, table.segments, profile)
     metrics["hallucination"] = generator.hallucination_rate(test_requests.subset(np.arange(min(len(test_requests), profile.hallucination_requests))))
     metrics["constrained_invalid"] = candidates.invalid_beams / max(candidates.beams, 1)
-    metrics["train"] = {k: history[k] for k in ("best_epoch", "best_valid_loss", "seconds")} | {"epochs_run": len(history["valid_loss"])}
+    metrics["train"] = {k: history[k] for k in ("best_epoch", "best_valid_loss", "steps", "seconds")} | {"epochs_run": len(history["valid_loss"])}
     metrics["generate_seconds"] = round(generate_seconds, 1)
     metrics["parameters"] = model.num_parameters()
     return metrics
@@ -357,7 +358,7 @@ def _has_faiss() -> bool:
 
 
 def _hardware(device: str) -> str:
-    cpu = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    cpu = hardware()
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(0)} ({cpu})"
     return cpu

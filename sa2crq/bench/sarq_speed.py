@@ -6,12 +6,11 @@ popularity is Pareto with a cold share, so prefixes, truncation, buckets and dig
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 
 import numpy as np
 
+from sa2crq.bench import hardware
 from sa2crq.config import SIDConfig
 from sa2crq.data.segments import TAIL
 from sa2crq.ids.sid_table import assign_sids
@@ -34,8 +33,9 @@ def run_sarq_benchmark(n_items: int, levels: int, codebook_size: int, seed: int)
         "seconds": round(seconds, 2),
         "items_per_second": int(n_items / seconds),
         "mean_sid_len": round(float(table.sid_len.mean()), 3),
-        "max_bucket": int(table.bucket_size.max()),
+        "max_truncated_bucket": int(table.bucket_size[table.code_depth < levels].max(initial=0)),
+        "digit_overflow_items": table.digit_overflow_items,
         "distinct_sids": int(table.sid_index.max()) + 1,
-        "hardware": f"{platform.machine()} {os.cpu_count()} cpus, {platform.processor() or 'unknown cpu'}",
+        "hardware": hardware(),
         "seed": seed,
     }

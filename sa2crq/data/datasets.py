@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from sa2crq.data._io import PathLike, resolve_filesystem
+from sa2crq.storage.filesystem import PathLike, resolve_filesystem
 
 __all__ = [
     "BEAUTY_DEFAULT_ROOT",

