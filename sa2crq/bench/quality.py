@@ -93,7 +93,7 @@ PROFILES: dict[str, Profile] = {
         retriever={"d_model": 64, "num_heads": 4, "head_dim": 16, "d_ff": 256, "encoder_layers": 2, "decoder_layers": 2,
                    "dropout": 0.0},
         train=RetrieverTrainConfig(epochs=3, batch_size=512, learning_rate=2e-3, warmup_steps=50, max_history=8,
-                                   patience=2, max_steps=120),
+                                   patience=2, max_steps=300),
         generation=GenerationConfig(beam_width=20, k=10, batch_size=512),
         seeds=(0, 1),
         cold_seeds=(0,),

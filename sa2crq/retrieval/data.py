@@ -121,7 +121,10 @@ def evaluation_requests(history: Sequences, targets: pa.Table, index: ItemIndex,
 
 def user_token(user_ids: np.ndarray, buckets: int, offset: int) -> np.ndarray:
     """Hashed user token: a stable hash of the id (int or string), so ids need not be dense."""
-    hashed = pd.util.hash_array(np.asarray(user_ids), categorize=False)
+    ids = np.asarray(user_ids)
+    if ids.dtype.kind == "U":  # pandas hashes strings as Python objects, not fixed-width unicode
+        ids = ids.astype(object)
+    hashed = pd.util.hash_array(ids, categorize=False)
     return (offset + (hashed % np.uint64(buckets))).astype(np.int64)
 
 
