@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
 from sa2crq.config import TokenizerConfig
 
@@ -55,3 +56,12 @@ def small_config(method: str = "sa2crq", **overrides) -> TokenizerConfig:
 @pytest.fixture(scope="session")
 def catalog() -> Catalog:
     return make_catalog()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one intra-op thread, restoring the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

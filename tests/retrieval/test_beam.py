@@ -15,14 +15,8 @@ from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
 ENCODER_VOCAB = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on busy shared cores their spin-waits
-    make each op up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models gain nothing from intra-op threads; on busy shared cores their spin-waits cost 100x.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(vocab_size: int, seed: int) -> GenerativeRetriever:
