@@ -1,0 +1,1 @@
+"""SA²CRQ: adaptive-length semantic IDs and generative retrieval. See README.md and ../shared/DESIGN.md."""

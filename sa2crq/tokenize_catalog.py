@@ -6,7 +6,6 @@ run the same steps through Spark and Ray with the same functions underneath.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from sa2crq.data.validation import Validated, validate_interactions, validate_it
 from sa2crq.ids.sid_table import SIDTable, assign_sids
 from sa2crq.ids.trie import SIDTrie
 from sa2crq.metrics.tokenizer_report import tokenizer_report
+from sa2crq.storage.reports import dumps_report
 from sa2crq.quantize.tokenizer import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -122,13 +122,5 @@ def write_result(result: TokenizeResult, out_dir: str | Path) -> dict[str, str]:
     SIDTrie.build(table.tokens, table.sid_len + 1, table.vocab.size).save(paths["trie"])
     write_rejects(result.items, paths["rejected_items"])
     write_rejects(result.interactions, paths["rejected_interactions"])
-    paths["report"].write_text(json.dumps(result.report, indent=2, default=_json_default))
+    paths["report"].write_text(dumps_report(result.report))
     return {name: str(path) for name, path in paths.items()}
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

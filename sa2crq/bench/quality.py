@@ -41,6 +41,7 @@ from sa2crq.retrieval.knn import knn_topk
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
 from sa2crq.retrieval.scorer import BucketIndex, cold_prefix_extension, request_embeddings
 from sa2crq.retrieval.training import RetrieverTrainConfig, train_retriever
+from sa2crq.storage.reports import dumps_report
 from sa2crq.quantize.tokenizer import Tokenizer
 from sa2crq.tokenize_catalog import TokenizeResult, item_embeddings, tokenize_catalog
 
@@ -229,13 +230,9 @@ def _train_and_evaluate(
     index = ItemIndex(table.item_ids)
     train_seq = Sequences.from_interactions(run.split.train, index)
     train_cfg = replace(profile.train, seed=seed)
-    history_then_valid = Sequences.from_interactions(
-        pa.concat_tables([run.split.train, run.split.valid]).sort_by([("user_id", "ascending"), ("timestamp", "ascending")]),
-        index,
-    )
     train_requests = training_requests(train_seq, train_cfg.max_history)
     valid_requests = evaluation_requests(train_seq, run.split.valid, index, train_cfg.max_history)
-    test_requests = evaluation_requests(history_then_valid, run.test, index, train_cfg.max_history)
+    test_requests = _test_requests(run, index, train_cfg.max_history)
 
     torch.manual_seed(seed)
     model_config = RetrieverConfig(vocab_size=vocab.size, encoder_vocab_size=vocab.size + train_cfg.user_buckets, **profile.retriever)
@@ -265,6 +262,15 @@ def _train_and_evaluate(
     return metrics
 
 
+def _test_requests(run: RunData, index: ItemIndex, max_history: int) -> Requests:
+    """Test requests: each user's training items then the validation item, as history."""
+    history = Sequences.from_interactions(
+        pa.concat_tables([run.split.train, run.split.valid]).sort_by([("user_id", "ascending"), ("timestamp", "ascending")]),
+        index,
+    )
+    return evaluation_requests(history, run.test, index, max_history)
+
+
 def _metrics(topk: np.ndarray, from_bucket: np.ndarray | None, requests: Requests, segments: np.ndarray, profile: Profile) -> dict[str, Any]:
     acc = RetrievalAccumulator(item_index=np.arange(len(segments)), item_segments=segments, ks=(5, 10))
     acc.update(topk, requests.target, from_bucket=from_bucket)
@@ -285,11 +291,7 @@ def _evaluate_knn(runs: list[RunData], profile: Profile, device: str) -> tuple[d
     index = ItemIndex(item_ids)
     for run in runs:
         segments = assign_segments(item_ids, popularity(item_ids, run.split.train), SegmentConfig())
-        history = Sequences.from_interactions(
-            pa.concat_tables([run.split.train, run.split.valid]).sort_by([("user_id", "ascending"), ("timestamp", "ascending")]),
-            index,
-        )
-        requests = evaluation_requests(history, run.test, index, profile.train.max_history)
+        requests = _test_requests(run, index, profile.train.max_history)
         emb = torch.as_tensor(_embeddings_of(run.items, index))
         queries = request_embeddings(torch.as_tensor(requests.history), emb, profile.generation.request_last_n)
         top, _ = knn_topk(queries, emb, profile.generation.k, exclude=requests.history_csr(), device=device)
@@ -376,16 +378,8 @@ def _profile_dict(profile: Profile) -> dict[str, Any]:
 def _write(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=_json_default))
+    tmp.write_text(dumps_report(result))
     os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return None  # per-request arrays stay out of the JSON
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    raise TypeError(type(value).__name__)
 
 
 def format_quality_table(result: dict[str, Any]) -> str:

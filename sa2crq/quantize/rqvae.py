@@ -186,7 +186,9 @@ class RQVAE(nn.Module):
     @torch.no_grad()
     def code_usage(self, x: torch.Tensor, batch_size: int = 65536) -> list[torch.Tensor]:
         """Per level, how many items take each code, summed over all ranks."""
-        codes = self.encode(x, batch_size)
+        return self._global_code_counts(self.encode(x, batch_size))
+
+    def _global_code_counts(self, codes: torch.Tensor) -> list[torch.Tensor]:
         counts = []
         for level, size in enumerate(self.codebook_sizes()):
             c = torch.bincount(codes[:, level], minlength=size).to(torch.float64)
@@ -200,8 +202,8 @@ class RQVAE(nn.Module):
         """Move codes that fewer than ``min_count`` items use (counted over all ranks) onto residuals
         of randomly chosen local items; rank 0 draws, every rank receives the same codebook.
         Returns the number of codes reset."""
-        counts = self.code_usage(x)
         q = self.quantize(self.latent(x))
+        counts = self._global_code_counts(q.codes)
         reset = 0
         for level, count in enumerate(counts):
             dead = count < min_count
