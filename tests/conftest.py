@@ -112,3 +112,23 @@ def s3_endpoint(tmp_path_factory):
     except subprocess.TimeoutExpired:  # weed mini sometimes lingers after SIGTERM
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local Spark session for the whole suite (starting the JVM takes seconds)."""
+    import os
+
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("sa2crq-tests")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.ui.enabled", "false")
+        .config("spark.driver.memory", "1g")
+        .getOrCreate()
+    )
+    yield session
+    session.stop()

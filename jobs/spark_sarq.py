@@ -1,0 +1,83 @@
+"""SARQ finalisation as Spark aggregations: prefix traffic masses, ID lengths, bucket cap, digits.
+
+The same rules as the library's single-process :func:`sa2crq.ids.sid_table.assign_sids`, written as
+distributed aggregations so nothing catalog-sized reaches the driver: only the total mass and the
+item count are collected. Masses are integers and the keep threshold comes from the library's own
+:func:`sa2crq.quantize.sarq.keep_threshold`, so the two implementations agree bit for bit
+(``tests/jobs/test_spark_sarq.py`` checks it).
+
+Input: a DataFrame with ``item_id``, ``codes`` (array<int>, full depth) and ``popularity`` (long).
+Output: ``item_id``, ``codes``, ``popularity``, ``code_depth`` and ``digit`` (-1 for none).
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from sa2crq.config import SIDConfig
+from sa2crq.quantize.sarq import default_tau, keep_threshold
+
+
+def finalise_sids(items: DataFrame, levels: int, config: SIDConfig) -> DataFrame:
+    weighted = items.withColumn("weight", F.col("popularity").cast("long") + F.lit(config.epsilon))
+    totals = weighted.agg(F.sum("weight").alias("total"), F.count(F.lit(1)).alias("n")).first()
+    if config.adaptive_length:
+        tau = config.tau if config.tau is not None else default_tau(int(totals["n"]))
+        threshold = keep_threshold(int(totals["total"]), tau)
+        depth = _sarq_depths(weighted, levels, threshold, config)
+    else:
+        depth = weighted.withColumn("code_depth", F.lit(levels))
+    return _digits(depth, levels, config).drop("weight")
+
+
+def _prefix(depth: int | F.Column) -> F.Column:
+    return F.slice("codes", 1, depth)
+
+
+def _sarq_depths(items: DataFrame, levels: int, threshold: int, config: SIDConfig) -> DataFrame:
+    """len = number of depths whose prefix mass reaches the threshold, clipped to [L_min, L_max];
+    masses never grow with depth, so the kept depths are a prefix and a count is enough."""
+    per_level = items.select("item_id", "weight", "codes", F.explode(F.sequence(F.lit(1), F.lit(levels))).alias("level"))
+    per_level = per_level.withColumn("prefix", _prefix(F.col("level")))
+    masses = per_level.groupBy("level", "prefix").agg(F.sum("weight").alias("mass"))
+    kept = (
+        per_level.join(masses, ["level", "prefix"])
+        .groupBy("item_id")
+        .agg(F.sum(F.when(F.col("mass") >= threshold, 1).otherwise(0)).alias("kept"))
+    )
+    clipped = F.least(F.greatest(F.col("kept"), F.lit(config.min_length)), F.lit(levels))
+    result = items.join(kept, "item_id").withColumn("code_depth", clipped).drop("kept")
+    # Bucket cap, shallow levels first: an over-full truncated bucket deepens by one level.
+    for depth in range(1, levels):
+        sized = result.withColumn(
+            "bucket", F.count(F.lit(1)).over(Window.partitionBy("code_depth", _prefix(F.col("code_depth"))))
+        )
+        result = sized.withColumn(
+            "code_depth",
+            F.when((F.col("code_depth") == depth) & (F.col("bucket") > config.max_bucket), depth + 1).otherwise(
+                F.col("code_depth")
+            ),
+        ).drop("bucket")
+    return result
+
+
+def _digits(items: DataFrame, levels: int, config: SIDConfig) -> DataFrame:
+    """Disambiguation digits, ranked by popularity (descending) then item id, per shared SID."""
+    group = Window.partitionBy("code_depth", _prefix(F.col("code_depth")))
+    ranked = items.withColumn("group_size", F.count(F.lit(1)).over(group)).withColumn(
+        "rank", F.row_number().over(group.orderBy(F.col("popularity").desc(), F.col("item_id").asc())) - 1
+    )
+    shared = F.col("group_size") > 1
+    full = F.col("code_depth") == levels
+    needs = (shared | F.lit(config.always_digit)) & full
+    if config.one_item_per_id:
+        needs = needs | shared
+        overflow = ranked.filter(needs & (F.col("rank") >= config.digit_vocab)).limit(1).collect()
+        if overflow:
+            raise ValueError(
+                f"one_item_per_id: items exceed the digit vocabulary of {config.digit_vocab}, e.g. item "
+                f"{overflow[0]['item_id']!r}; raise sid.digit_vocab"
+            )
+    digit = F.when(needs, F.least(F.col("rank"), F.lit(config.digit_vocab - 1))).otherwise(F.lit(-1))
+    return ranked.withColumn("digit", digit.cast("long")).drop("group_size", "rank")
