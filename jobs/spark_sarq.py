@@ -7,7 +7,8 @@ item count are collected. Masses are integers and the keep threshold comes from 
 (``tests/jobs/test_spark_sarq.py`` checks it).
 
 Input: a DataFrame with ``item_id``, ``codes`` (array<int>, full depth) and ``popularity`` (long).
-Output: ``item_id``, ``codes``, ``popularity``, ``code_depth`` and ``digit`` (-1 for none).
+:func:`finalise_sids` output: the input's columns plus ``code_depth`` and ``digit`` (-1 for none);
+:func:`sid_table` then adds the tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from sa2crq.config import SIDConfig
+from sa2crq.ids.sid_table import SIDVocabulary
+from sa2crq.ids.trie import EOS
 from sa2crq.quantize.sarq import default_tau, keep_threshold
 
 
@@ -81,3 +84,19 @@ def _digits(items: DataFrame, levels: int, config: SIDConfig) -> DataFrame:
             )
     digit = F.when(needs, F.least(F.col("rank"), F.lit(config.digit_vocab - 1))).otherwise(F.lit(-1))
     return ranked.withColumn("digit", digit.cast("long")).drop("group_size", "rank")
+
+
+def sid_table(finalised: DataFrame, vocab: SIDVocabulary) -> DataFrame:
+    """The SID table's token columns from finalised depths and digits, in the library's token layout
+    (:class:`sa2crq.ids.sid_table.SIDVocabulary`): ``sid`` (codes kept, the digit if any, EOS),
+    ``sid_len`` (tokens before EOS) and ``bucket_size`` (items sharing the SID)."""
+    offsets = F.array(*[F.lit(int(o)) for o in vocab.level_offsets])
+    code_tokens = F.transform(_prefix(F.col("code_depth")), lambda code, level: code + F.element_at(offsets, level + 1))
+    digit = F.when(F.col("digit") >= 0, F.array(F.col("digit") + F.lit(vocab.digit_offset))).otherwise(F.array().cast("array<int>"))
+    with_sid = finalised.withColumn("sid", F.concat(code_tokens.cast("array<int>"), digit.cast("array<int>"), F.array(F.lit(EOS))))
+    return (
+        with_sid.withColumn("sid_len", (F.size("sid") - 1).cast("short"))
+        .withColumn("bucket_size", F.count(F.lit(1)).over(Window.partitionBy("sid")).cast("int"))
+        .withColumn("code_depth", F.col("code_depth").cast("short"))
+        .withColumn("digit", F.col("digit").cast("short"))
+    )

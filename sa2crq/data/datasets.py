@@ -24,9 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from sa2crq.storage.filesystem import PathLike, resolve_filesystem
+from sa2crq.storage.filesystem import PathLike, read_parquet
 
 __all__ = [
     "BEAUTY_DEFAULT_ROOT",
@@ -63,18 +62,12 @@ _MOVIELENS_PLACEHOLDERS = ("unknown", "unkonwn")
 
 def read_items(path: PathLike) -> pa.Table:
     """Items parquet at ``path`` (a file or a directory of files; local or any fsspec URL)."""
-    return _read_parquet(path)
+    return read_parquet(path)
 
 
 def read_interactions(path: PathLike) -> pa.Table:
     """Interactions parquet at ``path`` (a file or a directory of files; local or any fsspec URL)."""
-    return _read_parquet(path)
-
-
-def _read_parquet(path: PathLike) -> pa.Table:
-    fs, inner = resolve_filesystem(path)
-    # Drop pandas' schema metadata: it describes the writer's index, which means nothing downstream.
-    return pq.read_table(inner, filesystem=fs).replace_schema_metadata(None)
+    return read_parquet(path)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ __all__ = [
     "MIN_EMBEDDING_NORM",
     "REJECT_REASON_COLUMN",
     "Validated",
+    "check_interactions_schema",
+    "check_items_schema",
     "validate_interactions",
     "validate_items",
     "write_rejects",
@@ -152,27 +154,9 @@ def validate_items(
     """
     name = "items"
     _check_fraction(max_reject_fraction)
-    _check_table(name, table, ("item_id",))
-    _require_type(name, table, "item_id", _is_id_type, "int64 or string")
-
-    if text_columns is None:
-        text_columns = [c for c in DEFAULT_TEXT_COLUMNS if c in table.column_names]
-    else:
-        _require_columns(name, table, text_columns)
-    for column in text_columns:
-        _require_type(name, table, column, _is_text_type, "string")
-
-    # As with text, an all-null column that parquet typed as null is simply an absent one.
-    has_embedding = EMBEDDING_COLUMN in table.column_names and not pa.types.is_null(
-        table.schema.field(EMBEDDING_COLUMN).type
-    )
-    if has_embedding:
-        _require_type(name, table, EMBEDDING_COLUMN, _is_embedding_type, "list or fixed_size_list of float")
-    if not text_columns and not has_embedding:
-        raise InputError(
-            f"{name}: no text column ({', '.join(DEFAULT_TEXT_COLUMNS)}) and no '{EMBEDDING_COLUMN}' column: "
-            "no item could be embedded"
-        )
+    if table.num_rows == 0:
+        raise InputError(f"{name}: input is empty (0 rows)")
+    text_columns, has_embedding = check_items_schema(table.schema, text_columns)
 
     ids = table["item_id"]
     n = table.num_rows
@@ -206,10 +190,9 @@ def validate_interactions(
     """
     name = "interactions"
     _check_fraction(max_reject_fraction)
-    _check_table(name, table, ("user_id", "item_id", "timestamp"))
-    _require_type(name, table, "user_id", _is_user_id_type, "integer or string")
-    _require_type(name, table, "item_id", _is_id_type, "int64 or string")
-    _require_type(name, table, "timestamp", _is_timestamp_type, "integer or timestamp")
+    if table.num_rows == 0:
+        raise InputError(f"{name}: input is empty (0 rows)")
+    check_interactions_schema(table.schema)
 
     known = known_item_ids.combine_chunks() if isinstance(known_item_ids, pa.ChunkedArray) else known_item_ids
     item_type = table.schema.field("item_id").type
@@ -232,6 +215,42 @@ def validate_interactions(
     result = _quarantine(table, INTERACTION_REJECT_REASONS, rules)
     _enforce_ceiling(name, result, max_reject_fraction, ("user_id", "item_id"))
     return result
+
+
+def check_items_schema(schema: pa.Schema, text_columns: Sequence[str] | None = None) -> tuple[list[str], bool]:
+    """The table-level rules of an items schema; returns (text columns, whether embeddings are given).
+
+    ``text_columns`` defaults to whichever of ``DEFAULT_TEXT_COLUMNS`` exist. Shared with the Spark
+    implementation, which checks the same schema before any row is read.
+    """
+    name = "items"
+    _check_schema(name, schema, ("item_id",))
+    _require_type(name, schema, "item_id", _is_id_type, "int64 or string")
+    if text_columns is None:
+        text_columns = [c for c in DEFAULT_TEXT_COLUMNS if c in schema.names]
+    else:
+        _require_columns(name, schema, text_columns)
+    for column in text_columns:
+        _require_type(name, schema, column, _is_text_type, "string")
+    # As with text, an all-null column that parquet typed as null is simply an absent one.
+    has_embedding = EMBEDDING_COLUMN in schema.names and not pa.types.is_null(schema.field(EMBEDDING_COLUMN).type)
+    if has_embedding:
+        _require_type(name, schema, EMBEDDING_COLUMN, _is_embedding_type, "list or fixed_size_list of float")
+    if not text_columns and not has_embedding:
+        raise InputError(
+            f"{name}: no text column ({', '.join(DEFAULT_TEXT_COLUMNS)}) and no '{EMBEDDING_COLUMN}' column: "
+            "no item could be embedded"
+        )
+    return list(text_columns), has_embedding
+
+
+def check_interactions_schema(schema: pa.Schema) -> None:
+    """The table-level rules of an interactions schema (shared with the Spark implementation)."""
+    name = "interactions"
+    _check_schema(name, schema, ("user_id", "item_id", "timestamp"))
+    _require_type(name, schema, "user_id", _is_user_id_type, "integer or string")
+    _require_type(name, schema, "item_id", _is_id_type, "int64 or string")
+    _require_type(name, schema, "timestamp", _is_timestamp_type, "integer or timestamp")
 
 
 def write_rejects(validated: Validated, path: PathLike) -> str:
@@ -257,28 +276,26 @@ def _check_fraction(max_reject_fraction: float) -> None:
         raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction}")
 
 
-def _require_columns(name: str, table: pa.Table, columns: Sequence[str]) -> None:
-    missing = [c for c in columns if c not in table.column_names]
+def _require_columns(name: str, schema: pa.Schema, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in schema.names]
     if missing:
         raise InputError(
             f"{name}: missing required column {', '.join(repr(c) for c in missing)} "
-            f"(columns present: {', '.join(table.column_names) or 'none'})"
+            f"(columns present: {', '.join(schema.names) or 'none'})"
         )
 
 
-def _check_table(name: str, table: pa.Table, required: Sequence[str]) -> None:
-    """The checks every input shares: required columns, no reserved column, at least one row."""
-    _require_columns(name, table, required)
-    if REJECT_REASON_COLUMN in table.column_names:
+def _check_schema(name: str, schema: pa.Schema, required: Sequence[str]) -> None:
+    """The checks every input shares: required columns, no reserved column."""
+    _require_columns(name, schema, required)
+    if REJECT_REASON_COLUMN in schema.names:
         raise InputError(f"{name}: column '{REJECT_REASON_COLUMN}' is reserved for the rejects table")
-    if table.num_rows == 0:
-        raise InputError(f"{name}: input is empty (0 rows)")
 
 
 def _require_type(
-    name: str, table: pa.Table, column: str, accepts: Callable[[pa.DataType], bool], rule: str
+    name: str, schema: pa.Schema, column: str, accepts: Callable[[pa.DataType], bool], rule: str
 ) -> None:
-    dtype = table.schema.field(column).type
+    dtype = schema.field(column).type
     if not accepts(dtype):
         raise InputError(f"{name}: column '{column}' has type {dtype}, breaks rule '{rule}'")
 

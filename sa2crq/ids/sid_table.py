@@ -129,18 +129,10 @@ def assign_sids(
     else:
         depth, tau, threshold = np.full(n, levels, dtype=np.int64), None, None
 
-    # Items share a SID before digits iff they share depth and the prefix at that depth.
-    prefix_at_depth = np.stack(groups, axis=1)[np.arange(n), depth - 1]
-    _, before_digit = np.unique(depth * (int(prefix_at_depth.max()) + 1) + prefix_at_depth, return_inverse=True)
-    before_digit = before_digit.reshape(-1)
+    before_digit = sid_groups(groups, depth)
     group_size = np.bincount(before_digit)[before_digit]
-    shared = group_size > 1
-    full = depth == levels
-    needs_digit = (shared | config.always_digit) & full
-    if config.one_item_per_id:
-        needs_digit |= shared
-
-    rank = _rank_within_groups(before_digit, popularity, item_ids)
+    needs_digit = digit_required(group_size, depth == levels, config)
+    rank = rank_within_groups(before_digit, popularity, item_ids)
     if config.one_item_per_id:
         overflow = needs_digit & (rank >= config.digit_vocab)
         if overflow.any():
@@ -151,10 +143,44 @@ def assign_sids(
                 f"e.g. the group of item {item_ids[before_digit == worst][0]!r} has {size} items; raise sid.digit_vocab"
             )
     digit = np.where(needs_digit, np.minimum(rank, config.digit_vocab - 1), -1)
-    # Ranks from digit_vocab - 1 on share the last digit when their group has more than digit_vocab items.
-    overflow_items = int((needs_digit & (rank >= config.digit_vocab - 1) & (group_size > config.digit_vocab)).sum())
+    return build_sid_table(item_ids, segments, popularity, codes, depth, digit, before_digit, vocab, tau, threshold)
 
-    _, sid_index = np.unique(before_digit * (config.digit_vocab + 1) + (digit + 1), return_inverse=True)
+
+def sid_groups(groups: list[np.ndarray], depth: np.ndarray) -> np.ndarray:
+    """Dense id per item such that items share a SID before digits iff they share depth and the
+    prefix at that depth; ``groups`` are the prefix ids of :func:`prefix_group_ids`."""
+    prefix_at_depth = np.stack(groups, axis=1)[np.arange(len(depth)), depth - 1]
+    _, before_digit = np.unique(depth * (int(prefix_at_depth.max()) + 1) + prefix_at_depth, return_inverse=True)
+    return before_digit.reshape(-1)
+
+
+def digit_required(group_size: np.ndarray, full: np.ndarray, config: SIDConfig) -> np.ndarray:
+    """Which items need a disambiguation digit, from their SID group size and whether they are full depth."""
+    shared = group_size > 1
+    needs_digit = (shared | config.always_digit) & full
+    if config.one_item_per_id:
+        needs_digit |= shared
+    return needs_digit
+
+
+def build_sid_table(
+    item_ids: np.ndarray,
+    segments: np.ndarray,
+    popularity: np.ndarray,
+    codes: np.ndarray,
+    depth: np.ndarray,
+    digit: np.ndarray,
+    before_digit: np.ndarray,
+    vocab: SIDVocabulary,
+    tau: float | None,
+    threshold: int | None,
+) -> SIDTable:
+    """Tokens, SID index and bucket sizes from settled depths and digits (``before_digit`` from :func:`sid_groups`).
+
+    Items on the last digit whose SID is shared are the digit overflow (see the module docstring).
+    """
+    n, levels = codes.shape
+    _, sid_index = np.unique(before_digit * (vocab.digit_vocab + 1) + (digit + 1), return_inverse=True)
     sid_index = sid_index.reshape(-1).astype(np.int64)
     bucket_size = np.bincount(sid_index)[sid_index]
 
@@ -179,11 +205,11 @@ def assign_sids(
         vocab=vocab,
         tau=tau,
         threshold=threshold,
-        digit_overflow_items=overflow_items,
+        digit_overflow_items=int(((digit == vocab.digit_vocab - 1) & (bucket_size > 1)).sum()),
     )
 
 
-def _rank_within_groups(groups: np.ndarray, popularity: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+def rank_within_groups(groups: np.ndarray, popularity: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
     """0-based rank of each item inside its group: most popular first, ties by item id."""
     _, id_order = np.unique(item_ids, return_inverse=True)
     order = np.lexsort((id_order.reshape(-1), -popularity, groups))

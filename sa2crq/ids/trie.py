@@ -39,11 +39,12 @@ import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import torch
+
+from sa2crq.storage.filesystem import resolve_filesystem
 
 PAD = 0
 EOS = 1
@@ -452,13 +453,14 @@ class SIDTrie:
 
     # ----------------------------------------------------------------- disk
     def save(self, path_dir: str | os.PathLike) -> None:
-        """Write ``trie.safetensors`` and ``trie.json`` into ``path_dir`` (created if needed)."""
-        from safetensors.numpy import save_file
+        """Write ``trie.safetensors`` and ``trie.json`` into ``path_dir`` (a local path or URL), JSON last."""
+        from safetensors.numpy import save
 
-        d = Path(path_dir)
-        d.mkdir(parents=True, exist_ok=True)
+        fs, d = resolve_filesystem(path_dir)
+        fs.create_dir(d, recursive=True)
         arrays = {f: np.ascontiguousarray(getattr(self, f), dtype=_ARRAY_DTYPES[f]) for f in _ARRAY_FIELDS}
-        save_file(arrays, str(d / ARRAYS_FILE))
+        with fs.open_output_stream(f"{d}/{ARRAYS_FILE}") as out:
+            out.write(save(arrays))
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -470,26 +472,29 @@ class SIDTrie:
             "n_sids": self.n_sids,
             "n_rows": int(self.row_sid.size),
         }
-        (d / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        with fs.open_output_stream(f"{d}/{META_FILE}") as out:
+            out.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
     @classmethod
     def load(cls, path_dir: str | os.PathLike, validate: bool = True) -> "SIDTrie":
         """Read a trie written by :meth:`save`; checks the format and (by default) the invariants."""
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
-        d = Path(path_dir)
-        meta = json.loads((d / META_FILE).read_text())
+        fs, d = resolve_filesystem(path_dir)
+        with fs.open_input_stream(f"{d}/{META_FILE}") as f:
+            meta = json.loads(f.read())
         if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{d / META_FILE}: not a {FORMAT_NAME} v{FORMAT_VERSION} file: {meta.get('format')!r} v{meta.get('version')!r}")
+            raise ValueError(f"{d}/{META_FILE}: not a {FORMAT_NAME} v{FORMAT_VERSION} file: {meta.get('format')!r} v{meta.get('version')!r}")
         if meta.get("pad") != PAD or meta.get("eos") != EOS:
-            raise ValueError(f"{d / META_FILE}: PAD/EOS {meta.get('pad')}/{meta.get('eos')} differ from {PAD}/{EOS}")
-        arrays = load_file(str(d / ARRAYS_FILE))
+            raise ValueError(f"{d}/{META_FILE}: PAD/EOS {meta.get('pad')}/{meta.get('eos')} differ from {PAD}/{EOS}")
+        with fs.open_input_stream(f"{d}/{ARRAYS_FILE}") as f:
+            arrays = load(f.read())
         missing = [f for f in _ARRAY_FIELDS if f not in arrays]
         if missing:
-            raise ValueError(f"{d / ARRAYS_FILE}: missing arrays {missing}")
+            raise ValueError(f"{d}/{ARRAYS_FILE}: missing arrays {missing}")
         for f in _ARRAY_FIELDS:
             if arrays[f].dtype != _ARRAY_DTYPES[f] or arrays[f].ndim != 1:
-                raise ValueError(f"{d / ARRAYS_FILE}: {f} has dtype {arrays[f].dtype} / ndim {arrays[f].ndim}")
+                raise ValueError(f"{d}/{ARRAYS_FILE}: {f} has dtype {arrays[f].dtype} / ndim {arrays[f].ndim}")
         trie = cls(**{f: arrays[f] for f in _ARRAY_FIELDS}, vocab_size=int(meta["vocab_size"]), max_length=int(meta["max_length"]))
         if validate:
             trie.validate()

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from sa2crq.ids.trie import PAD
+from sa2crq.ids.trie import EOS, PAD
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,6 +135,46 @@ def evaluation_requests(history: Sequences, targets: pa.Table, index: ItemIndex,
         owners = pos[known]
         windows[known] = _windows(history, history.indptr[owners + 1], owners, max_history)
     return Requests(users, windows, target_items.astype(np.int64))
+
+
+def sid_token_matrix(sid: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N, T) int64 SID token rows from the SID table's ``sid`` list column (EOS-terminated), PAD-filled
+    on the right to the longest SID: the matrix the requests' dense item indices address."""
+    sid = sid.combine_chunks() if isinstance(sid, pa.ChunkedArray) else sid
+    if sid.null_count:
+        raise ValueError(f"the SID table has {sid.null_count} items without a SID")
+    lengths = pc.list_value_length(sid).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(sid).to_numpy(zero_copy_only=False).astype(np.int64)
+    ends = np.cumsum(lengths) - 1
+    if len(sid) and ((lengths < 1).any() or (flat[ends] != EOS).any()):
+        raise ValueError("every SID must end with EOS")
+    width = int(lengths.max()) if len(sid) else 1
+    tokens = np.full((len(sid), width), PAD, dtype=np.int64)
+    tokens[np.arange(width)[None, :] < lengths[:, None]] = flat
+    return tokens
+
+
+@dataclass(frozen=True, eq=False)
+class HistoryTrainingData:
+    """What retriever training on user histories needs, in the benchmark's layout."""
+
+    sid_tokens: np.ndarray  # (N, T) token rows, row i = item i of the SID table
+    train: Requests  # every position of every training sequence
+    valid: Requests  # one per validation row; history = the user's training sequence
+
+
+def history_training_data(sid_table: pa.Table, train: pa.Table, valid: pa.Table, max_history: int) -> HistoryTrainingData:
+    """From a SID table (``item_id``, ``sid``) and training / validation interactions (``user_id``,
+    ``item_id``, ``timestamp``). Interactions are sorted by (user, timestamp) here: parquet written by
+    several writers need not keep the split's order."""
+    index = ItemIndex(sid_table.column("item_id").to_numpy(zero_copy_only=False))
+    by_user_time = [("user_id", "ascending"), ("timestamp", "ascending")]
+    train_seq = Sequences.from_interactions(train.sort_by(by_user_time), index)
+    return HistoryTrainingData(
+        sid_token_matrix(sid_table.column("sid")),
+        training_requests(train_seq, max_history),
+        evaluation_requests(train_seq, valid, index, max_history),
+    )
 
 
 def query_requests(queries: pa.Table, embeddings: np.ndarray, index: ItemIndex) -> Requests:

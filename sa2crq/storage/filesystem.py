@@ -21,7 +21,41 @@ def resolve_filesystem(path: PathLike) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), os.path.abspath(text)
     if text.startswith("file://"):
         return pafs.LocalFileSystem(), text[len("file://") :]
+    fs, inner = fsspec_filesystem(text)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
+
+
+# Object stores whose fsspec implementations cache directory listings.
+_LISTING_CACHE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "az")
+
+
+def fsspec_filesystem(url: str):
+    """``(fsspec filesystem, path)`` for a URL, with listing caches off: other processes (Ray workers,
+    concurrent jobs) write the same prefixes, and a cached listing would hide their files."""
     import fsspec
 
-    fs, inner = fsspec.core.url_to_fs(text)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = {"use_listings_cache": False} if protocol in _LISTING_CACHE_PROTOCOLS else {}
+    return fsspec.core.url_to_fs(url, **options)
+
+
+def read_parquet(path: PathLike, columns: list[str] | None = None):
+    """A parquet file or a directory of parquet files (local or any fsspec URL) as one pyarrow Table.
+
+    Files whose names start with ``_`` or ``.`` (Spark's markers, manifests) are ignored.
+    """
+    import pyarrow.parquet as pq
+
+    fs, inner = resolve_filesystem(path)
+    # Drop pandas' schema metadata: it describes the writer's index, which means nothing downstream.
+    return pq.read_table(inner, filesystem=fs, columns=columns).replace_schema_metadata(None)
+
+
+def write_parquet(table, path: PathLike) -> None:
+    """One parquet file at ``path`` (local or any fsspec URL), parent directories created."""
+    import pyarrow.parquet as pq
+
+    fs, inner = resolve_filesystem(path)
+    if "/" in inner:
+        fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, inner, filesystem=fs)

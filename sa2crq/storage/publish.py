@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from sa2crq.storage.filesystem import fsspec_filesystem
+
 MANIFEST = "_MANIFEST.json"
 LATEST = "LATEST"
 LOCK = "LATEST.lock"
@@ -45,9 +47,9 @@ class Manifest:
 
 class Publisher:
     def __init__(self, root: str, *, lock_timeout_s: float = 30.0, stale_lock_s: float = 600.0) -> None:
-        import fsspec  # object stores need fsspec; exclusive create ("xb") is what the lock relies on
-
-        self.fs, self.root = fsspec.core.url_to_fs(root)
+        # Object stores need fsspec; exclusive create ("xb") is what the lock relies on.
+        self.root_url = root.rstrip("/")
+        self.fs, self.root = fsspec_filesystem(root)
         self.root = self.root.rstrip("/")
         self.lock_timeout_s = lock_timeout_s
         self.stale_lock_s = stale_lock_s
@@ -55,6 +57,10 @@ class Publisher:
     # -- reading -----------------------------------------------------------------------------
     def version_path(self, version: str) -> str:
         return f"{self.root}/versions/{version}"
+
+    def version_url(self, version: str) -> str:
+        """The version's directory as a URL (or local path) other engines can open."""
+        return f"{self.root_url}/versions/{version}"
 
     def latest(self) -> str | None:
         """The version LATEST names, or None before the first publish."""
@@ -105,6 +111,13 @@ class Publisher:
                 raise ConcurrentPublishError(f"LATEST is {current}, not {parent}: rebuild on {current} and publish again")
             self._write_pointer(version)
         return manifest
+
+    def discard(self, version: str) -> None:
+        """Delete an unpublished version's files (a refused or superseded attempt); published ones are kept."""
+        if self.fs.exists(f"{self.version_path(version)}/{MANIFEST}"):
+            raise ValueError(f"version {version} is published; it is not discarded")
+        if self.fs.exists(self.version_path(version)):
+            self.fs.rm(self.version_path(version), recursive=True)
 
     def _write_pointer(self, version: str) -> None:
         # Write beside, then move: a reader sees the old pointer or the new one, never half of one.

@@ -1,11 +1,11 @@
-"""Spark SARQ finalisation equals the library's single-process SID assignment, bit for bit."""
+"""Spark SARQ finalisation and SID tokens equal the library's single-process SID assignment, bit for bit."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from jobs.spark_sarq import finalise_sids
+from jobs.spark_sarq import finalise_sids, sid_table
 from sa2crq.config import SIDConfig
 from sa2crq.data.segments import TAIL
 from sa2crq.ids.sid_table import assign_sids
@@ -33,9 +33,13 @@ def test_spark_finalisation_equals_the_library(spark, config):
         [(int(i), [int(c) for c in row], int(p)) for i, row, p in zip(item_ids, codes, popularity)],
         "item_id long, codes array<int>, popularity long",
     )
-    got = finalise_sids(frame, levels, config).select("item_id", "code_depth", "digit").toPandas()
+    finalised = finalise_sids(frame, levels, config)
+    got = sid_table(finalised, expected.vocab).select("item_id", "code_depth", "digit", "sid", "bucket_size").toPandas()
     got = got.set_index("item_id").loc[item_ids]
     if config.adaptive_length:  # the case exercises truncation, not just full depth
         assert (expected.code_depth < levels).any()
     np.testing.assert_array_equal(got["code_depth"].to_numpy(), expected.code_depth)
     np.testing.assert_array_equal(got["digit"].to_numpy(), expected.digit)
+    library_sids = expected.to_arrow().column("sid").to_pylist()
+    assert [list(s) for s in got["sid"]] == library_sids
+    np.testing.assert_array_equal(got["bucket_size"].to_numpy(), expected.bucket_size)

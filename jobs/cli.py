@@ -1,0 +1,81 @@
+"""The ``sa2crq`` command line: the library's commands plus the distributed jobs.
+
+Each job takes a typed config file (``--config FILE.json``) and ``--set section.field=value``
+overrides (precedence: defaults < file < --set; see :mod:`jobs.config`). A job ends by printing
+what it wrote where, with row counts. Exit codes: 0 done, 2 bad input or config, 3 refused
+(churn above the limit, or a retriever / SID version mismatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.config import JOB_CONFIGS, load_job_config
+from sa2crq.cli import add_library_commands, base_parser, run
+
+JOB_HELP = {
+    "recode": "full-catalog recode: split, embed, train or reuse the tokenizer, assign SIDs, publish a version",
+    "ingest": "cold-start ingest: give new items SIDs consistent with the published table, publish the delta",
+    "train-retriever": "train the generative retriever on a published SID version",
+    "generate": "offline candidate generation: requests -> constrained beam search -> candidate parquet",
+    "evaluate": "retrieval metrics of a published retriever on held-out targets",
+}
+REFUSED = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, commands = base_parser()
+    add_library_commands(commands)
+    for job, help_text in JOB_HELP.items():
+        sub = commands.add_parser(job, help=help_text, description=help_text)
+        sub.add_argument("--config", help=f"JSON file of {JOB_CONFIGS[job].__name__} fields")
+        sub.add_argument("--set", dest="assignments", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+        if job == "recode":
+            sub.add_argument("--reuse-tokenizer", metavar="VERSION", help="encode with this published version's tokenizer")
+            sub.add_argument("--force", action="store_true", help="publish even when SID churn exceeds the limit")
+        sub.set_defaults(run=_run_job, job=job)
+    return run(parser, argv)
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    from jobs.recode import ChurnLimitExceeded
+    from sa2crq.retrieval.serving import VersionMismatchError
+
+    assignments = list(args.assignments)
+    if getattr(args, "reuse_tokenizer", None):
+        assignments.append(f"reuse_tokenizer={args.reuse_tokenizer}")
+    config = load_job_config(args.job, args.config, assignments)
+    try:
+        summary = _job(args.job)(config, **({"force": args.force} if args.job == "recode" else {}))
+    except (ChurnLimitExceeded, VersionMismatchError) as refused:
+        print(f"refused: {refused}", file=sys.stderr)
+        return REFUSED
+    print(summary.format())
+    return 0
+
+
+def _job(name: str):
+    if name == "recode":
+        from jobs.recode import run_recode
+
+        return run_recode
+    if name == "ingest":
+        from jobs.ingest import run_ingest
+
+        return run_ingest
+    if name == "train-retriever":
+        from jobs.train_retriever import run_train_retriever
+
+        return run_train_retriever
+    if name == "generate":
+        from jobs.generate import run_generate
+
+        return run_generate
+    from jobs.evaluate import run_evaluate
+
+    return run_evaluate
+
+
+if __name__ == "__main__":
+    sys.exit(main())

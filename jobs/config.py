@@ -1,0 +1,213 @@
+"""Typed configuration of the jobs: one frozen dataclass per job, sections shared between them.
+
+Precedence, lowest to highest: the dataclass defaults, a JSON config file (``--config``), then
+``--set section.field=value`` on the command line. An unknown field is an error that names it; each
+section validates its values where they are given. The ``tokenizer`` section is a
+:class:`sa2crq.config.TokenizerConfig`: its ``method`` preset applies first, the other fields
+override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sa2crq.config import TokenizerConfig, layered_config
+from sa2crq.retrieval.candidates import GenerationConfig
+from sa2crq.retrieval.training import RetrieverTrainConfig
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where versions live. ``root`` is a local path, ``file://`` or ``s3://bucket/prefix``."""
+
+    root: str = "s3://sa2crq/catalog"
+    # None (and no AWS_ENDPOINT_URL in the environment): an s3:// root is served by a local
+    # SeaweedFS the job starts over ``local_server_dir``. For AWS itself, name its endpoint.
+    endpoint_url: str | None = None
+    local_server_dir: str = ".cache/object-store"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.root), "storage.root must name a location")
+
+    @property
+    def sids(self) -> str:
+        """Root of the published SID versions."""
+        return f"{self.root.rstrip('/')}/sids"
+
+    @property
+    def retrievers(self) -> str:
+        """Root of the published retriever versions."""
+        return f"{self.root.rstrip('/')}/retrievers"
+
+    @property
+    def runs(self) -> str:
+        """Ray Train run state and checkpoints."""
+        return f"{self.root.rstrip('/')}/runs"
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    # local[*] starts an embedded Spark; a cluster master (or spark-submit) runs it at scale.
+    master: str = "local[*]"
+    shuffle_partitions: int = 8
+    driver_memory: str = "1g"
+    # Embedded Spark has no S3 connector (hadoop-aws): it reads and writes parquet in this local
+    # directory, staged to and from object storage. A cluster with s3a configured sets
+    # ``direct_object_store`` and Spark reads and writes s3a:// itself.
+    staging_dir: str = ".cache/spark-staging"
+    direct_object_store: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.shuffle_partitions >= 1, "spark.shuffle_partitions must be >= 1")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # None: RAY_ADDRESS from the environment, else a local Ray started by the job.
+    address: str | None = None
+    # Local Ray only: CPUs it may use (None = all).
+    num_cpus: int | None = None
+    train_workers: int = 2
+    cpus_per_train_worker: float = 1.0
+    use_gpu: bool = False
+    # Ray Data actor pools (embedding, code assignment, generation). Actors that claim every CPU
+    # starve the read stage: leave room (DEVELOPERS.md).
+    actors: int = 2
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.train_workers >= 1 and self.actors >= 1, "ray.train_workers and ray.actors must be >= 1")
+        _require(self.cpus_per_train_worker > 0 and self.cpus_per_actor > 0, "ray CPU shares must be positive")
+        _require(self.gpus_per_actor >= 0, "ray.gpus_per_actor must be >= 0")
+
+
+@dataclass(frozen=True)
+class RecodeConfig:
+    """``sa2crq recode``: split -> embed -> train (or reuse) the tokenizer -> assign -> SIDs -> publish."""
+
+    items: str = ""
+    interactions: str = ""  # training interactions only: popularity, segments and SARQ see nothing else
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # A published SID version whose tokenizer is reused (encode only); SIDs then stay stable (DESIGN §3.3a).
+    reuse_tokenizer: str | None = None
+    # Refuse to publish when more than this share of items changed SID (``--force`` overrides).
+    churn_limit: float = 0.05
+    # Popularity window [start, end) on the interactions' timestamp; None leaves a side open.
+    window_start: int | None = None
+    window_end: int | None = None
+    shards: int = 4
+    max_reject_fraction: float = 0.05
+    embedding_cache: str | None = ".cache/embeddings"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.items) and bool(self.interactions), "recode needs items and interactions (their parquet paths)")
+        _require(0.0 <= self.churn_limit <= 1.0, "churn_limit must be in [0, 1]")
+        _require(self.shards >= 1, "shards must be >= 1")
+        _require(0.0 <= self.max_reject_fraction <= 1.0, "max_reject_fraction must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """``sa2crq ingest``: new items -> embed -> encode with the published tokenizer -> SIDs -> publish the delta."""
+
+    items: str = ""
+    max_reject_fraction: float = 0.05
+    embedding_cache: str | None = ".cache/embeddings"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.items), "ingest needs items (their parquet path)")
+
+
+@dataclass(frozen=True)
+class RetrieverShape:
+    """The retriever's architecture; the SID vocabulary comes from the SID version."""
+
+    d_model: int = 128
+    num_heads: int = 6
+    head_dim: int = 64
+    d_ff: int = 1024
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainRetrieverConfig:
+    """``sa2crq train-retriever``: train on a published SID version, publish the retriever."""
+
+    interactions: str = ""  # training interactions
+    valid: str = ""  # validation targets (one per user), for early stopping
+    sid_version: str | None = None  # None: the latest
+    model: RetrieverShape = field(default_factory=RetrieverShape)
+    train: RetrieverTrainConfig = field(default_factory=RetrieverTrainConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.interactions) and bool(self.valid), "train-retriever needs interactions and valid (parquet paths)")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """``sa2crq generate``: requests -> constrained beam search -> candidate parquet."""
+
+    # History requests: the interactions whose per-user sequences are the histories (one request
+    # per user, request_id = user_id). Query requests: parquet of request_id, query.
+    requests: str = ""
+    request_kind: str = "history"
+    out: str = ""  # candidate set location; committed shards there are skipped on rerun
+    retriever_version: str | None = None  # None: the latest
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.requests) and bool(self.out), "generate needs requests and out")
+        _require(self.request_kind in ("history", "query"), "request_kind must be history or query")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``sa2crq evaluate``: the retrieval metrics of a published retriever on held-out targets."""
+
+    history: str = ""  # interactions forming the histories (training + validation)
+    targets: str = ""  # one held-out target per user
+    retriever_version: str | None = None
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    hallucination_requests: int = 500
+    out: str | None = None  # where the JSON report goes (default: beside the retriever)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.history) and bool(self.targets), "evaluate needs history and targets (parquet paths)")
+
+
+JOB_CONFIGS: dict[str, type] = {
+    "recode": RecodeConfig,
+    "ingest": IngestConfig,
+    "train-retriever": TrainRetrieverConfig,
+    "generate": GenerateConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def load_job_config(job: str, config_file: str | None, assignments: list[str]) -> Any:
+    return layered_config(JOB_CONFIGS[job], config_file, assignments)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """JSON-able form, for manifests and reports."""
+    return dataclasses.asdict(config)

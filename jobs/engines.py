@@ -1,0 +1,138 @@
+"""Engine lifecycles for one job: Spark, Ray, and the staging of parquet between Spark and object storage.
+
+Each is started by the job that needs it (embedded defaults on one machine) or attached to a
+cluster, and every hand-off between engines is parquet on storage, never driver memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import pyarrow.fs as pafs
+
+from jobs.config import RayConfig, SparkConfig
+from sa2crq.storage.filesystem import resolve_filesystem
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def spark_session(config: SparkConfig, app: str) -> Iterator["SparkSession"]:
+    """The job's Spark session; an already running one (a test's, or spark-submit's) is reused and left running."""
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        yield active
+        return
+    session = (
+        SparkSession.builder.master(config.master)
+        .appName(f"sa2crq-{app}")
+        .config("spark.sql.shuffle.partitions", str(config.shuffle_partitions))
+        .config("spark.driver.memory", config.driver_memory)
+        .config("spark.ui.showConsoleProgress", "false")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("WARN")
+    try:
+        yield session
+    finally:
+        session.stop()
+
+
+@contextmanager
+def ray_runtime(config: RayConfig) -> Iterator[None]:
+    """Ray for the job: the cluster at ``address`` / RAY_ADDRESS, or a local one. A Ray that is
+    already up (a test's) is reused and left running."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    # Workers inherit this process's environment (AWS_ENDPOINT_URL, credentials) on a local Ray.
+    ray.init(address=config.address, num_cpus=config.num_cpus if config.address is None else None,
+             include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class SparkStaging:
+    """Where Spark reads and writes the parquet of a job.
+
+    With ``direct_object_store`` Spark uses the storage URLs itself (``s3://`` becomes ``s3a://``).
+    Otherwise a local directory stands in: inputs are copied down before Spark reads them and
+    outputs copied up after Spark writes them, so the embedded Spark needs no S3 connector.
+    """
+
+    def __init__(self, config: SparkConfig) -> None:
+        self.direct = config.direct_object_store
+        self.local_root = Path(config.staging_dir) / uuid.uuid4().hex
+        self._copies: list[Path] = []
+
+    def read(self, spark: "SparkSession", url: str) -> "DataFrame":
+        return spark.read.parquet(self._readable(url))
+
+    def write(self, frame: "DataFrame", url: str, *, partition_by: str | None = None) -> None:
+        if self.direct or "://" not in url or url.startswith("file://"):
+            target = _spark_url(url)
+            (frame.write.partitionBy(partition_by) if partition_by else frame.write).mode("overwrite").parquet(target)
+            return
+        local = self._local_dir()
+        (frame.write.partitionBy(partition_by) if partition_by else frame.write).mode("overwrite").parquet(str(local))
+        copy_tree(str(local), url)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.local_root, ignore_errors=True)
+
+    def _readable(self, url: str) -> str:
+        if self.direct or "://" not in url or url.startswith("file://"):
+            return _spark_url(url)
+        local = self._local_dir()
+        copy_tree(url, str(local))
+        return str(local)
+
+    def _local_dir(self) -> Path:
+        path = self.local_root / f"{len(self._copies):03d}"
+        self._copies.append(path)
+        return path
+
+
+def _spark_url(url: str) -> str:
+    return "s3a://" + url[len("s3://") :] if url.startswith("s3://") else url
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copy a file or a directory of files between any two locations (local paths or URLs),
+    skipping Spark's marker files (_SUCCESS, .crc)."""
+    src_fs, src_path = resolve_filesystem(src)
+    dst_fs, dst_path = resolve_filesystem(dst)
+    info = src_fs.get_file_info(src_path)
+    if info.type == pafs.FileType.File:
+        files = [info]
+        base = src_path.rsplit("/", 1)[0]
+    else:
+        files = [f for f in src_fs.get_file_info(pafs.FileSelector(src_path, recursive=True)) if f.type == pafs.FileType.File]
+        base = src_path
+    dst_fs.create_dir(dst_path, recursive=True)
+    for f in files:
+        relative = f.path[len(base) + 1 :]
+        name = relative.rsplit("/", 1)[-1]
+        if name.startswith(("_", ".")) or name.endswith(".crc"):
+            continue
+        target = f"{dst_path}/{relative}"
+        if "/" in relative:
+            dst_fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(f.path, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    log.debug("copied %d files from %s to %s", len(files), src, dst)

@@ -1,0 +1,271 @@
+"""``sa2crq recode``: the nightly full-catalog recode.
+
+validate (Spark) -> catalog split: popularity, segments, shards (Spark) -> embed (Ray Data) ->
+train the tokenizer (Ray Train) or reuse a published one -> full-depth codes (Ray Data) ->
+SIDs: SARQ finalisation (Spark), or with a reused tokenizer the stability rule of DESIGN §3.3a
+(:func:`sa2crq.ids.stability.stable_assign_sids`) -> trie -> churn and remap against the parent
+version -> report -> publish.
+
+Everything is written under the new version's directory; the version becomes visible only when its
+manifest is written, last, and LATEST moves by compare-and-swap. A failed job discards its
+unpublished files and leaves the published versions untouched. A recode whose churn exceeds
+``churn_limit`` refuses to publish (unless forced) and leaves its files, unpublished, for inspection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from jobs.config import RecodeConfig, config_dict
+from jobs.engines import SparkStaging, copy_tree, ray_runtime, spark_session
+from jobs.object_store import object_store
+from jobs.summary import JobSummary
+from sa2crq.ids.sid_table import SIDVocabulary
+from sa2crq.ids.stability import PublishedSIDs, sid_churn, stable_assign_sids
+from sa2crq.ids.trie import SIDTrie
+from sa2crq.data.segments import SEGMENT_NAMES
+from sa2crq.quantize.tokenizer import Tokenizer, load_tokenizer
+from sa2crq.retrieval.data import sid_token_matrix
+from sa2crq.retrieval.serving import sorted_sid_table
+from sa2crq.storage import layout
+from sa2crq.storage.filesystem import read_parquet, resolve_filesystem, write_parquet
+from sa2crq.storage.publish import Publisher
+from sa2crq.storage.reports import dumps_report
+
+log = logging.getLogger(__name__)
+
+
+class ChurnLimitExceeded(RuntimeError):
+    """More items changed SID than the churn limit allows; nothing was published."""
+
+
+def run_recode(config: RecodeConfig, *, force: bool = False) -> JobSummary:
+    with (
+        object_store(config.storage.root, endpoint_url=config.storage.endpoint_url, local_server_dir=config.storage.local_server_dir),
+        spark_session(config.spark, "recode") as spark,
+        ray_runtime(config.ray),
+    ):
+        publisher = Publisher(config.storage.sids)
+        parent = publisher.latest()
+        if config.reuse_tokenizer is not None:
+            publisher.manifest(config.reuse_tokenizer)  # fails early, naming it, when it is not published
+        version = publisher.new_version()
+        staging = SparkStaging(config.spark)
+        summary = JobSummary("recode", version)
+        try:
+            _recode(config, spark, staging, publisher, parent, version, summary, force=force)
+        except ChurnLimitExceeded:
+            raise  # its files stay, unpublished, for inspection
+        except BaseException:
+            publisher.discard(version)
+            raise
+        finally:
+            staging.cleanup()
+        return summary
+
+
+def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publisher, parent: str | None,
+            version: str, summary: JobSummary, *, force: bool) -> None:  # fmt: skip
+    from jobs.spark_catalog import catalog_split
+    from jobs.spark_validation import validate_interactions, validate_items
+    from ray_workers.shards import map_shards
+    from ray_workers.stages import embed_stage, encode_stage
+
+    url = publisher.version_url(version)
+    work = f"{url}/{layout.WORK}"
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 2)
+        clock = now
+        log.info("recode %s: %s done in %.1f s", version, stage, timings[stage])
+
+    # 1. Validate (Spark): bad rows are quarantined with a reason, rows in = rows out + rejected.
+    items = validate_items(staging.read(spark, config.items), max_reject_fraction=config.max_reject_fraction)
+    interactions = validate_interactions(
+        staging.read(spark, config.interactions), items.valid, max_reject_fraction=config.max_reject_fraction
+    )
+    staging.write(items.rejects, f"{url}/{layout.REJECTS}/items")
+    staging.write(interactions.rejects, f"{url}/{layout.REJECTS}/interactions")
+    lap("validate")
+
+    # 2. Catalog split (Spark): popularity over the window, segments, hash shards.
+    split = catalog_split(
+        items.valid, interactions.valid, config.tokenizer.segments, shards=config.shards,
+        window=(config.window_start, config.window_end),
+    ).cache()  # fmt: skip
+    staging.write(split, f"{url}/{layout.CATALOG}")
+    # One parquet file per shard: each is a unit of work for the Ray Data stages.
+    work_items = items.valid.join(split, "item_id").repartition(config.shards, "shard").drop("shard")
+    staging.write(work_items, f"{work}/items")
+    lap("catalog split")
+
+    # 3. Embed (Ray Data actor pool).
+    pool = {"actors": config.ray.actors, "cpus_per_actor": config.ray.cpus_per_actor, "gpus_per_actor": config.ray.gpus_per_actor}
+    embedded = map_shards(f"{work}/items", f"{url}/{layout.EMBEDDINGS}", embed_stage, {"cache_dir": config.embedding_cache}, desc="embed", **pool)
+    _check_rows("embed", embedded.rows_in, embedded.rows_out, items.counts["rows_out"])
+    lap("embed")
+
+    # 4. Tokenizer: train (Ray Train) or reuse a published one.
+    tokenizer = _tokenizer(config, publisher, version, f"{url}/{layout.TOKENIZER}")
+    lap("tokenizer")
+
+    # 5. Full-depth codes (Ray Data actor pool).
+    encoded = map_shards(f"{url}/{layout.EMBEDDINGS}", f"{url}/{layout.CODES}", encode_stage,
+                         {"tokenizer_url": f"{url}/{layout.TOKENIZER}"}, desc="encode", **pool)  # fmt: skip
+    _check_rows("encode", encoded.rows_in, encoded.rows_out, items.counts["rows_out"])
+    lap("encode")
+
+    # 6. SIDs.
+    vocab = SIDVocabulary(tokenizer.codebook_sizes(), config.tokenizer.sid.digit_vocab)
+    stability: dict[str, Any] = {}
+    if config.reuse_tokenizer is not None and parent is not None:
+        stability = _stable_sids(config, publisher.version_url(parent), url, tokenizer)
+    else:
+        from jobs.spark_sarq import finalise_sids, sid_table
+
+        codes = staging.read(spark, f"{url}/{layout.CODES}")
+        finalised = finalise_sids(codes, len(tokenizer.codebook_sizes()), config.tokenizer.sid)
+        staging.write(sid_table(finalised, vocab).select(*SID_COLUMNS), f"{url}/{layout.SID_TABLE}")
+    lap("sids")
+
+    # 7. Trie, rows in item-id order (the serving order).
+    table = sorted_sid_table(url, ["item_id", "sid"])
+    sid = table.column("sid").combine_chunks()
+    trie = SIDTrie.build(sid_token_matrix(sid), pc.list_value_length(sid).to_numpy(), vocab.size)
+    trie.save(f"{url}/{layout.TRIE}")
+    lap("trie")
+
+    # 8. Report: SID statistics (Spark), churn and remap against the parent, stability.
+    report: dict[str, Any] = {
+        "version": version,
+        "parent": parent,
+        "input": {"items": items.counts, "interactions": interactions.counts},
+        "sids": _sid_statistics(staging.read(spark, f"{url}/{layout.SID_TABLE}"), vocab),
+        "tokenizer": {"reused_from": config.reuse_tokenizer, "fit": tokenizer.fit_report},
+        "stability": stability,
+        "config": config_dict(config),
+    }
+    churn = {"churn": 0.0}
+    if parent is not None:
+        previous = read_parquet(f"{publisher.version_url(parent)}/{layout.SID_TABLE}", columns=["item_id", "sid"])
+        churn, remap = sid_churn(previous, table)
+        write_parquet(remap, f"{url}/{layout.REMAP}/part-00000.parquet")
+        summary.add("remap", f"{url}/{layout.REMAP}", remap.num_rows)
+    report["churn"] = churn
+    lap("report")
+    report["seconds"] = timings
+
+    _remove(work)
+    _write_report(f"{url}/{layout.REPORT}", report)
+    summary.report = report
+    summary.add("rejected items", f"{url}/{layout.REJECTS}/items", items.counts["rejected"])
+    summary.add("rejected interactions", f"{url}/{layout.REJECTS}/interactions", interactions.counts["rejected"])
+    summary.add("catalog split", f"{url}/{layout.CATALOG}", items.counts["rows_out"])
+    summary.add("embeddings", f"{url}/{layout.EMBEDDINGS}", items.counts["rows_out"])
+    summary.add("codes", f"{url}/{layout.CODES}", items.counts["rows_out"])
+    summary.add("sid table", f"{url}/{layout.SID_TABLE}", table.num_rows)
+    summary.add("trie", f"{url}/{layout.TRIE}", trie.n_sids)
+    summary.add("tokenizer", f"{url}/{layout.TOKENIZER}")
+    summary.add("report", f"{url}/{layout.REPORT}")
+
+    if parent is not None and churn["churn"] > config.churn_limit and not force:
+        summary.notes.append(f"unpublished files left at {url} for inspection")
+        raise ChurnLimitExceeded(
+            f"SID churn {churn['churn']:.2%} against version {parent} exceeds the limit of {config.churn_limit:.2%} "
+            f"({churn['changed']:,} of {churn['common']:,} items changed SID): nothing published. The remap is at "
+            f"{url}/{layout.REMAP}; rerun with --force to publish anyway."
+        )
+    publisher.publish(version, parent=parent, meta={"job": "recode", "items": table.num_rows, "churn": churn["churn"],
+                                                    "vocab": vocab.to_dict(), "sid_config": config_dict(config.tokenizer.sid)})  # fmt: skip
+    summary.published = True
+
+
+SID_COLUMNS = ("item_id", "sid", "sid_len", "code_depth", "digit", "bucket_size", "segment", "popularity", "codes")
+
+
+def _tokenizer(config: RecodeConfig, publisher: Publisher, version: str, target: str) -> Tokenizer:
+    if config.reuse_tokenizer is not None:
+        copy_tree(f"{publisher.version_url(config.reuse_tokenizer)}/{layout.TOKENIZER}", target)
+        tokenizer = load_tokenizer(target)
+        tokenizer.fit_report = {"reused_from": config.reuse_tokenizer}
+        return tokenizer
+    from ray_workers.training import TrainRun, fit_tokenizer
+
+    run = TrainRun(
+        name=f"tokenizer-{version}", storage_path=config.storage.runs, workers=config.ray.train_workers,
+        use_gpu=config.ray.use_gpu, cpus_per_worker=config.ray.cpus_per_train_worker,
+    )  # fmt: skip
+    tokenizer = fit_tokenizer(f"{publisher.version_url(version)}/{layout.EMBEDDINGS}", config.tokenizer, run)
+    tokenizer.save(target)
+    return tokenizer
+
+
+def _stable_sids(config: RecodeConfig, parent_url: str, url: str, tokenizer: Tokenizer) -> dict[str, Any]:
+    """SIDs that keep the parent's wherever the stability rule allows (DESIGN §3.3a)."""
+    codes = read_parquet(f"{url}/{layout.CODES}")
+    previous = PublishedSIDs.from_arrow(read_parquet(f"{parent_url}/{layout.SID_TABLE}", columns=list(SID_COLUMNS)))
+    segments = pc.index_in(codes.column("segment"), pa.array(SEGMENT_NAMES)).to_numpy(zero_copy_only=False)
+    flat = codes.column("codes").combine_chunks()
+    table, stats = stable_assign_sids(
+        previous,
+        codes.column("item_id").to_numpy(zero_copy_only=False),
+        flat.flatten().to_numpy(zero_copy_only=False).reshape(codes.num_rows, -1),
+        codes.column("popularity").to_numpy(zero_copy_only=False),
+        segments.astype(np.int8),
+        tokenizer.codebook_sizes(),
+        config.tokenizer.sid,
+    )
+    write_parquet(table.to_arrow().select(list(SID_COLUMNS)), f"{url}/{layout.SID_TABLE}/part-00000.parquet")
+    return {"pinned": stats.pinned, "placed": stats.placed, "moved_by_hysteresis": stats.moved_by_hysteresis,
+            "new_items": stats.new_items, "removed_items": stats.removed_items,
+            "hysteresis_levels": config.tokenizer.sid.hysteresis_levels}  # fmt: skip
+
+
+def _sid_statistics(sids, vocab: SIDVocabulary) -> dict[str, Any]:
+    """Per segment and overall: items, mean SID length, collision rate, largest bucket (Spark aggregates)."""
+    from pyspark.sql import functions as F
+
+    def stats(frame) -> dict[str, Any]:
+        row = frame.agg(
+            F.count(F.lit(1)).alias("items"),
+            F.avg("sid_len").alias("mean_sid_len"),
+            F.avg((F.col("bucket_size") > 1).cast("double")).alias("collision_rate"),
+            F.max("bucket_size").alias("max_bucket"),
+        ).first()
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.asDict().items()}
+
+    overall = stats(sids)
+    overall["distinct_sids"] = sids.select("sid").distinct().count()
+    overall["vocab_size"] = vocab.size
+    overall["segments"] = {name: stats(sids.filter(F.col("segment") == name)) for name in SEGMENT_NAMES}
+    return overall
+
+
+def _check_rows(stage: str, rows_in: int, rows_out: int, expected: int) -> None:
+    if rows_in != rows_out:
+        raise RuntimeError(f"{stage}: {rows_in} rows in but {rows_out} out")
+    if rows_in and rows_in != expected:
+        raise RuntimeError(f"{stage}: processed {rows_in} rows, expected {expected}")
+
+
+def _remove(url: str) -> None:
+    fs, path = resolve_filesystem(url)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def _write_report(url: str, report: dict[str, Any]) -> None:
+    fs, path = resolve_filesystem(url)
+    with fs.open_output_stream(path) as f:
+        f.write(dumps_report(report).encode())

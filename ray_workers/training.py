@@ -1,0 +1,248 @@
+"""Ray Train drivers for the library's data-parallel training: the tokenizer and the generative retriever.
+
+Ray Train v2 (the default in Ray 2.60) runs ``run.workers`` TorchTrainer workers in one gloo process
+group; the library's collectives (:mod:`sa2crq.distributed`) keep their replicas identical. Each
+run reports once, at the end (a report is a barrier across workers, and slow): rank 0 with the
+checkpoint, the others with metrics only. Ray keeps rank 0's metrics alone, so the ranks gather
+their replica fingerprints in the group first and the driver checks that they agree. The checkpoint lands at
+``{run.storage_path}/{run.name}/{TOKENIZER_CHECKPOINT or RETRIEVER_CHECKPOINT}`` and the driver
+loads the model back from there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchConfig, TorchTrainer, get_device
+
+from sa2crq import distributed
+from sa2crq.config import TokenizerConfig
+from sa2crq.data.segments import SEGMENT_NAMES
+from sa2crq.quantize.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+from sa2crq.retrieval.checkpoint import load_retriever, save_retriever
+from sa2crq.retrieval.data import history_training_data
+from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
+from sa2crq.retrieval.training import RetrieverTrainConfig, train_retriever
+from sa2crq.storage.filesystem import read_parquet, resolve_filesystem
+
+log = logging.getLogger(__name__)
+
+CATALOG = "catalog"
+TOKENIZER_CHECKPOINT = "tokenizer"
+RETRIEVER_CHECKPOINT = "retriever"
+FIT_REPORT_FILE = "fit_report.json"
+REPLICA_FINGERPRINTS = "replica_fingerprints"
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """Where and how a Ray Train run executes."""
+
+    # Unique per job run: Ray Train v2 restores the state of a run directory that already exists.
+    name: str
+    # Local directory or URL (s3://... on a cluster): Ray Train's run state and checkpoints live under it.
+    storage_path: str
+    workers: int = 2
+    use_gpu: bool = False
+    # Fractional on small machines: the catalog's read tasks need CPUs beside the workers.
+    cpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.cpus_per_worker < 0:
+            raise ValueError(f"TrainRun needs workers >= 1 and cpus_per_worker >= 0, got {self.workers}, {self.cpus_per_worker}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------------
+
+
+def fit_tokenizer(catalog_url: str, config: TokenizerConfig, run: TrainRun) -> Tokenizer:
+    """Fit the tokenizer on the catalog (``item_id``, ``segment``, ``embedding``), data-parallel.
+
+    Every worker trains on its shard of the catalog; the checkpoint holds the tokenizer and its fit
+    report (``fit_report.json`` beside the safetensors), which the returned tokenizer carries.
+    RQ-KMeans (one faiss k-means per level) is not data-parallel: it runs on one worker.
+    """
+    if config.quantizer == "rqkmeans" and run.workers != 1:
+        log.info("%s: RQ-KMeans is not data-parallel, fitting on one worker instead of %d", run.name, run.workers)
+        run = replace(run, workers=1)
+    fs, path = resolve_filesystem(catalog_url)
+    catalog = ray.data.read_parquet(path, filesystem=fs, columns=["segment", "embedding"])
+    embedding_type = catalog.schema().base_schema.field("embedding").type
+    if not pa.types.is_fixed_size_list(embedding_type):
+        raise ValueError(f"{catalog_url}: embedding must be a fixed-size list of floats, got {embedding_type}")
+    result = _trainer(_fit_tokenizer_per_worker, {"config": config, "dim": embedding_type.list_size}, run, {CATALOG: catalog}).fit()
+    _check_replicas(result.metrics[REPLICA_FINGERPRINTS], run.name)
+    with result.checkpoint.as_directory() as directory:
+        tokenizer = load_tokenizer(directory)
+        with open(os.path.join(directory, FIT_REPORT_FILE)) as f:
+            tokenizer.fit_report = json.load(f)
+    return tokenizer
+
+
+def _fit_tokenizer_per_worker(args: dict[str, Any]) -> None:
+    embeddings, segments = _collect_catalog_shard(ray.train.get_dataset_shard(CATALOG), args["dim"])
+    tokenizer = build_tokenizer(args["config"], args["dim"])
+    report = tokenizer.fit(embeddings, segments)
+    metrics = {**_scalars(report), REPLICA_FINGERPRINTS: _replica_fingerprints(tokenizer._tensors())}
+    _report_once(metrics, TOKENIZER_CHECKPOINT, lambda directory: _save_tokenizer(tokenizer, directory))
+
+
+def _collect_catalog_shard(shard: ray.data.DataIterator, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """This worker's (N, dim) float32 embeddings and int8 segment codes."""
+    batches = list(shard.iter_batches(batch_format="pyarrow", batch_size=None))
+    if not batches:
+        return np.zeros((0, dim), dtype=np.float32), np.zeros(0, dtype=np.int8)
+    table = pa.concat_tables(batches)
+    embeddings = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    codes = pc.index_in(table.column("segment"), value_set=pa.array(SEGMENT_NAMES))
+    if codes.null_count:
+        unknown = pc.unique(table.column("segment").filter(pc.is_null(codes))).to_pylist()
+        raise ValueError(f"unknown segments {unknown[:5]}: expected one of {SEGMENT_NAMES}")
+    segments = codes.to_numpy(zero_copy_only=False).astype(np.int8)
+    return embeddings.astype(np.float32, copy=False).reshape(-1, dim), segments
+
+
+def _save_tokenizer(tokenizer: Tokenizer, directory: str) -> None:
+    tokenizer.save(directory)
+    with open(os.path.join(directory, FIT_REPORT_FILE), "w") as f:
+        json.dump(tokenizer.fit_report, f)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Retriever
+# --------------------------------------------------------------------------------------------------------
+
+
+def fit_retriever(
+    sid_table_url: str,
+    train_interactions_url: str,
+    valid_interactions_url: str,
+    model_config: RetrieverConfig,
+    train_config: RetrieverTrainConfig,
+    run: TrainRun,
+    *,
+    sid_version: str,
+) -> tuple[GenerativeRetriever, dict]:
+    """Train the retriever on user histories, data-parallel; returns the best model and the training history.
+
+    Every worker reads the SID table whole (it maps items to tokens) and both interaction sets,
+    builds the requests as the benchmark does, and trains on every ``world``-th training request
+    (validation likewise; the library pools validation loss over ranks). The checkpoint records
+    ``sid_version``, the train config and the history.
+    """
+    user_tokens_end = model_config.vocab_size + train_config.user_buckets
+    if model_config.encoder_vocab_size < user_tokens_end:
+        raise ValueError(
+            f"retriever encoder_vocab_size {model_config.encoder_vocab_size} leaves no room for "
+            f"{train_config.user_buckets} user tokens after the {model_config.vocab_size} SID tokens: "
+            f"set it to vocab_size + user_buckets = {user_tokens_end}"
+        )
+    urls = {"sid_table": sid_table_url, "train": train_interactions_url, "valid": valid_interactions_url}
+    args = {"urls": urls, "model_config": model_config, "train_config": train_config, "sid_version": sid_version}
+    result = _trainer(_fit_retriever_per_worker, args, run, {}).fit()
+    _check_replicas(result.metrics[REPLICA_FINGERPRINTS], run.name)
+    with result.checkpoint.as_directory() as directory:
+        checkpoint = load_retriever(directory)
+    return checkpoint.model, checkpoint.meta["history"]
+
+
+def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
+    model_config: RetrieverConfig = args["model_config"]
+    train_config: RetrieverTrainConfig = args["train_config"]
+    tables = {name: read_parquet(url) for name, url in args["urls"].items()}
+    data = history_training_data(tables["sid_table"], tables["train"], tables["valid"], train_config.max_history)
+    sid_vocab = int(data.sid_tokens.max()) + 1
+    if sid_vocab > model_config.vocab_size:
+        raise ValueError(
+            f"the SID table uses tokens up to {sid_vocab - 1}, beyond the retriever's vocab_size "
+            f"{model_config.vocab_size}: size the retriever to this SID version's vocabulary"
+        )
+    rank, world = distributed.rank(), distributed.world_size()
+    device = get_device()
+    torch.manual_seed(train_config.seed)  # identical initial replicas on every rank
+    model = GenerativeRetriever(model_config).to(device)
+    history = train_retriever(
+        model,
+        data.train.subset(np.arange(rank, len(data.train), world)),
+        data.valid.subset(np.arange(rank, len(data.valid), world)),
+        torch.as_tensor(data.sid_tokens, device=device),
+        train_config,
+        user_offset=model_config.vocab_size,
+    )
+    scalars = {key: history[key] for key in ("best_epoch", "best_valid_loss", "steps", "seconds")}
+    metrics = {**scalars, REPLICA_FINGERPRINTS: _replica_fingerprints(model.state_dict())}
+    meta = {"train_config": train_config.to_dict(), "history": history, "world_size": world}
+    _report_once(
+        metrics, RETRIEVER_CHECKPOINT,
+        lambda directory: save_retriever(directory, model.cpu(), sid_version=args["sid_version"], meta=meta),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shared
+# --------------------------------------------------------------------------------------------------------
+
+
+def _trainer(train_fn, args: dict[str, Any], run: TrainRun, datasets: dict[str, ray.data.Dataset]) -> TorchTrainer:
+    fs, path = resolve_filesystem(run.storage_path)
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=args,
+        # gloo even on GPUs: the library's bookkeeping collectives (step counts, pooled losses) use CPU tensors.
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=run.workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(name=run.name, storage_path=path, storage_filesystem=fs),
+        datasets=datasets,
+    )
+
+
+def _report_once(metrics: dict[str, Any], checkpoint_name: str, save) -> None:
+    """The run's single report: rank 0 saves (``save(directory)``) and hands Ray the checkpoint."""
+    if distributed.rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save(directory)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=checkpoint_name)
+
+
+def _replica_fingerprints(tensors: dict[str, torch.Tensor]) -> list[list[float]]:
+    """Every rank's fingerprint of its replica (per tensor: sum and sum of squares, in float64), gathered on all ranks."""
+    mine = torch.tensor(
+        [[float(t.double().sum()), float(t.double().square().sum())] for _, t in sorted(tensors.items())], dtype=torch.float64
+    ).reshape(1, -1)
+    return distributed.gather_rows(mine, 1).tolist()
+
+
+def _check_replicas(fingerprints: list[list[float]], name: str) -> None:
+    """Data-parallel training must end with identical replicas; a divergent one means a broken collective."""
+    reference = np.asarray(fingerprints[0])
+    for rank, fingerprint in enumerate(fingerprints[1:], start=1):
+        if not np.allclose(fingerprint, reference, rtol=1e-5, atol=1e-6):
+            raise RuntimeError(f"{name}: rank {rank}'s replica differs from rank 0's after training")
+
+
+def _scalars(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a (nested) fit report, as flat metrics (``acrq/head_code_stability``)."""
+    out: dict[str, float] = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            out.update(_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out

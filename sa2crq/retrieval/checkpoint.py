@@ -1,0 +1,45 @@
+"""Retriever checkpoints: the model's tensors (safetensors) plus its config and provenance (JSON).
+
+The provenance names the SID version the retriever was trained on: generation refuses to serve a
+retriever with another version's SIDs (DESIGN §3.3a), because the same token means a different
+item there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
+from sa2crq.storage.checkpoint import load_checkpoint, save_checkpoint
+from sa2crq.storage.filesystem import PathLike
+
+KIND = "generative-retriever"
+
+
+@dataclass(frozen=True)
+class RetrieverCheckpoint:
+    model: GenerativeRetriever
+    sid_version: str
+    # Everything else recorded at training time: train config, user buckets, history, ...
+    meta: dict[str, Any]
+
+
+def save_retriever(directory: PathLike, model: GenerativeRetriever, *, sid_version: str, meta: dict[str, Any]) -> None:
+    save_checkpoint(
+        directory,
+        dict(model.state_dict()),
+        {"kind": KIND, "model_config": model.config.to_dict(), "sid_version": sid_version, **meta},
+    )
+
+
+def load_retriever(directory: PathLike) -> RetrieverCheckpoint:
+    tensors, meta = load_checkpoint(directory)
+    if meta.get("kind") != KIND:
+        raise ValueError(f"{directory}: checkpoint of kind {meta.get('kind')!r}, not a {KIND}")
+    model = GenerativeRetriever(RetrieverConfig.from_dict(meta.pop("model_config")))
+    model.load_state_dict(tensors)
+    model.eval()
+    meta.pop("kind")
+    meta.pop("format_version", None)
+    return RetrieverCheckpoint(model, meta.pop("sid_version"), meta)

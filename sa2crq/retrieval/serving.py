@@ -1,0 +1,144 @@
+"""Serving a published retriever over a published SID version: what ``generate`` and ``evaluate`` load.
+
+A SID version directory holds (see :mod:`sa2crq.storage.layout`) the SID table, the item
+embeddings and the trie. Items are addressed by their row in the SID table sorted by item id, so
+the trie's row order, the token matrix and the embeddings agree however the parquet was sharded.
+
+A retriever records the SID version it was trained on; :func:`load_server` refuses any other
+(DESIGN §3.3a): the same tokens name other items there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from sa2crq.data.segments import SEGMENT_NAMES
+from sa2crq.ids.trie import SIDTrie
+from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
+from sa2crq.retrieval.checkpoint import load_retriever
+from sa2crq.retrieval.data import ItemIndex, Requests, sid_token_matrix
+from sa2crq.retrieval.scorer import BucketIndex
+from sa2crq.storage import layout
+from sa2crq.storage.filesystem import read_parquet
+
+
+class VersionMismatchError(ValueError):
+    """The retriever was trained on another SID version than the one it would serve."""
+
+
+@dataclass(frozen=True, eq=False)
+class CatalogView:
+    """The items of one SID version in serving order (sorted by item id)."""
+
+    index: ItemIndex
+    sid_tokens: np.ndarray  # (N, T)
+    segments: np.ndarray  # (N,) int8 segment codes
+    embeddings: np.ndarray  # (N, D) float32, L2-normalised
+    trie: SIDTrie
+
+
+def sorted_sid_table(sid_version_url: str, columns: list[str]) -> pa.Table:
+    """The version's SID table, rows sorted by item id: the one row order every artifact uses."""
+    return read_parquet(f"{sid_version_url}/{layout.SID_TABLE}", columns=columns).sort_by("item_id")
+
+
+def load_catalog_view(sid_version_url: str) -> CatalogView:
+    table = sorted_sid_table(sid_version_url, ["item_id", "sid", "segment"])
+    index = ItemIndex(table.column("item_id").to_numpy(zero_copy_only=False))
+    embedded = read_parquet(f"{sid_version_url}/{layout.EMBEDDINGS}", columns=["item_id", "embedding"])
+    if embedded.num_rows != len(index):
+        raise ValueError(f"{sid_version_url}: {embedded.num_rows} embeddings for {len(index)} items")
+    rows = index.lookup(embedded.column("item_id").to_numpy(zero_copy_only=False))
+    vectors = embedded.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    embeddings = np.empty((len(index), vectors.size // max(len(index), 1)), dtype=np.float32)
+    embeddings[rows] = vectors.reshape(len(index), -1)
+    segments = pc.index_in(table.column("segment"), pa.array(SEGMENT_NAMES)).to_numpy(zero_copy_only=False).astype(np.int8)
+    return CatalogView(index, sid_token_matrix(table.column("sid")), segments, embeddings, SIDTrie.load(f"{sid_version_url}/{layout.TRIE}"))
+
+
+@dataclass(frozen=True, eq=False)
+class Server:
+    """A retriever ready to generate over its SID version."""
+
+    catalog: CatalogView
+    generator: CandidateGenerator
+    max_history: int
+    sid_version: str
+
+    def history_requests(self, table: pa.Table) -> tuple[Requests, int]:
+        """Requests from rows of ``request_id``, ``history`` (item ids, oldest first) and optional ``user_id``.
+
+        History items the SID version does not know are left out of the encoder input; their count
+        is returned so the job reports it.
+        """
+        history = table.column("history").combine_chunks()
+        lengths = pc.list_value_length(history).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        ids = pc.list_flatten(history).to_numpy(zero_copy_only=False)
+        known, rows = self._known(ids)
+        owner = np.repeat(np.arange(len(lengths)), lengths)[known]
+        rows = rows[known]
+        # Keep each request's last max_history known items, oldest first, -1 padded on the left.
+        kept = np.bincount(owner, minlength=len(lengths))
+        from_end = np.arange(len(owner)) - np.r_[0, np.cumsum(kept)][owner] - kept[owner]
+        window = np.full((len(lengths), self.max_history), -1, dtype=np.int64)
+        inside = from_end >= -self.max_history
+        window[owner[inside], self.max_history + from_end[inside]] = rows[inside]
+        users = table.column("user_id" if "user_id" in table.column_names else "request_id").to_numpy(zero_copy_only=False)
+        return Requests(np.asarray(users), window, np.full(len(lengths), -1, dtype=np.int64)), int((~known).sum())
+
+    def query_requests(self, request_ids: np.ndarray, query_embeddings: np.ndarray) -> Requests:
+        if self.generator.model.config.query_dim == 0:
+            raise ValueError("this retriever was trained on histories only: it has no query input")
+        n = len(request_ids)
+        return Requests(np.asarray(request_ids), np.zeros((n, 0), dtype=np.int64), np.full(n, -1, dtype=np.int64), query_embeddings)
+
+    def candidates(self, request_ids: np.ndarray, requests: Requests) -> pa.Table:
+        """``request_id``, ``item_ids``, ``scores`` (best first; empty slots left out)."""
+        result = self.generator.generate(requests)
+        filled = result.items >= 0
+        lengths = filled.sum(axis=1)
+        offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+        item_ids = self.catalog.index.item_ids[result.items[filled]]
+        return pa.table(
+            {
+                "request_id": pa.array(request_ids),
+                "item_ids": pa.ListArray.from_arrays(offsets, pa.array(item_ids)),
+                "scores": pa.ListArray.from_arrays(offsets, pa.array(result.scores[filled].astype(np.float32))),
+            }
+        )
+
+    def _known(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sorted_ids = self.catalog.index.item_ids  # serving order is sorted by item id
+        pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
+        known = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
+        return known, pos
+
+
+def load_server(sid_version_url: str, sid_version: str, retriever_url: str, generation: GenerationConfig, *, device: str | None = None) -> Server:
+    checkpoint = load_retriever(retriever_url)
+    if checkpoint.sid_version != sid_version:
+        raise VersionMismatchError(
+            f"the retriever at {retriever_url} was trained on SID version {checkpoint.sid_version}, "
+            f"not {sid_version}: retrain it on {sid_version} or serve SID version {checkpoint.sid_version}"
+        )
+    catalog = load_catalog_view(sid_version_url)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train = checkpoint.meta["train_config"]
+    vocab_size = checkpoint.model.config.vocab_size
+    generator = CandidateGenerator(
+        checkpoint.model,
+        catalog.sid_tokens,
+        catalog.trie,
+        BucketIndex.build(catalog.trie.row_sid),
+        catalog.embeddings,
+        generation,
+        user_offset=vocab_size,
+        user_buckets=int(train["user_buckets"]),
+        device=device,
+    )
+    return Server(catalog, generator, int(train["max_history"]), sid_version)

@@ -1,0 +1,148 @@
+"""Ray Train drives the library's data-parallel training: 2 CPU workers in a gloo group, checkpoints on storage."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from jobs.object_store import ensure_bucket
+from ray_workers.training import REPLICA_FINGERPRINTS, TrainRun, _replica_fingerprints, fit_retriever, fit_tokenizer
+from sa2crq.config import SegmentConfig, SIDConfig
+from sa2crq.data.segments import SEGMENT_NAMES, assign_segments
+from sa2crq.ids.sid_table import FIRST_CODE_TOKEN, assign_sids
+from sa2crq.retrieval.checkpoint import load_retriever
+from sa2crq.retrieval.data import history_training_data, sid_token_matrix
+from sa2crq.retrieval.model import RetrieverConfig
+from sa2crq.retrieval.training import RetrieverTrainConfig, validation_loss
+from sa2crq.storage.filesystem import read_parquet, resolve_filesystem, write_parquet
+from tests.conftest import small_config
+
+ITEMS = 1500
+# Fractional CPUs: on a 2-CPU Ray the catalog's read tasks need a CPU beside the two workers.
+WORKER_CPUS = 0.5
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint) -> str:
+    name = f"train-{uuid.uuid4().hex[:8]}"
+    ensure_bucket(f"s3://{name}")
+    return name
+
+
+@pytest.mark.timeout(150)
+def test_fit_tokenizer_checkpoints_on_s3_and_replicas_agree(s3_endpoint, ray_local, bucket, catalog):
+    import fsspec
+    from ray.train import Result
+
+    ids, x, pop = catalog.item_ids[:ITEMS], catalog.embeddings[:ITEMS], catalog.popularity[:ITEMS]
+    segments = assign_segments(ids, pop, SegmentConfig())
+    table = pa.table({
+        "item_id": ids,
+        "segment": pa.array(np.asarray(SEGMENT_NAMES)[segments]),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
+    })
+    for part, rows in enumerate(np.array_split(np.arange(ITEMS), 2)):  # two files: a block for each worker
+        write_parquet(table.take(rows), f"s3://{bucket}/catalog/part-{part}.parquet")
+    run = TrainRun(name=f"tokenizer-{uuid.uuid4().hex[:8]}", storage_path=f"s3://{bucket}/runs", cpus_per_worker=WORKER_CPUS)
+    config = small_config(**{"rqvae.epochs": 6, "acrq.epochs_per_stage": 2})
+
+    tokenizer = fit_tokenizer(f"s3://{bucket}/catalog", config, run)
+
+    stored = {p.rsplit("/", 1)[-1] for p in fsspec.filesystem("s3").ls(f"{bucket}/runs/{run.name}/tokenizer")}
+    assert {"model.safetensors", "checkpoint.json", "fit_report.json"} <= stored
+    codes = tokenizer.encode(x)
+    assert codes.shape == (ITEMS, config.rqvae.levels)
+    assert ((codes >= 0) & (codes < np.asarray(tokenizer.codebook_sizes()))).all()
+    acrq = tokenizer.fit_report["acrq"]
+    assert acrq["head_items"] == int((segments == 0).sum())  # counted over both shards
+    assert 0.0 <= acrq["head_code_stability"] <= 1.0 and len(acrq["phase2_loss"]) > 0
+    # Ray keeps rank 0's metrics only; they carry both ranks' fingerprints, gathered in the group.
+    fs, path = resolve_filesystem(f"s3://{bucket}/runs/{run.name}")
+    fingerprints = np.asarray(Result.from_path(path, storage_filesystem=fs).metrics[REPLICA_FINGERPRINTS])
+    assert fingerprints.shape[0] == 2
+    np.testing.assert_allclose(fingerprints[1], fingerprints[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_replica_fingerprints(tokenizer._tensors())[0], fingerprints[0], rtol=1e-12)
+
+
+def _sid_table_and_interactions(tmp_path):
+    """64 items with 2-level SIDs; 60 users who walk the catalog in steps of one (a learnable pattern)."""
+    rng = np.random.default_rng(0)
+    n_items, n_users, length = 64, 60, 8
+    item_ids = np.arange(n_items, dtype=np.int64) * 5 + 1
+    codes = np.stack([np.arange(n_items) // 8, np.arange(n_items) % 8], 1)
+    pop = rng.integers(1, 20, n_items)
+    table = assign_sids(item_ids, codes, pop, assign_segments(item_ids, pop, SegmentConfig()), (8, 8),
+                        SIDConfig(adaptive_length=False))
+    start = rng.integers(0, n_items, n_users)
+    walk = item_ids[(start[:, None] + np.arange(length)[None, :]) % n_items]
+    users = np.repeat(np.arange(n_users, dtype=np.int64), length)
+    interactions = pa.table({"user_id": users, "item_id": walk.reshape(-1), "timestamp": np.tile(np.arange(length), n_users)})
+    last = np.tile(np.arange(length) == length - 1, n_users)
+    paths = {"sid_table": tmp_path / "sids.parquet", "train": tmp_path / "train.parquet", "valid": tmp_path / "valid.parquet"}
+    write_parquet(table.to_arrow(), paths["sid_table"])
+    write_parquet(interactions.filter(pa.array(~last)), paths["train"])
+    write_parquet(interactions.filter(pa.array(last)), paths["valid"])
+    return table.vocab.size, {name: str(p) for name, p in paths.items()}
+
+
+TRAIN_CONFIG = RetrieverTrainConfig(epochs=4, batch_size=32, learning_rate=3e-3, warmup_steps=2, max_history=4,
+                                    user_buckets=8, patience=4, seed=0)
+
+
+def _retriever_config(vocab: int) -> RetrieverConfig:
+    return RetrieverConfig(vocab_size=vocab, encoder_vocab_size=vocab + TRAIN_CONFIG.user_buckets, d_model=32,
+                           num_heads=2, head_dim=16, d_ff=64, encoder_layers=1, decoder_layers=1, dropout=0.0)
+
+
+@pytest.mark.timeout(120)
+def test_fit_retriever_learns_and_checkpoints_the_best_model(ray_local, tmp_path):
+    vocab, paths = _sid_table_and_interactions(tmp_path)
+    train_config, model_config = TRAIN_CONFIG, _retriever_config(vocab)
+    run = TrainRun(name=f"retriever-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "runs"), cpus_per_worker=WORKER_CPUS)
+
+    model, history = fit_retriever(paths["sid_table"], paths["train"], paths["valid"], model_config, train_config, run,
+                                   sid_version="sids-v1")
+
+    assert history["best_valid_loss"] < history["valid_loss"][0]
+    checkpoint = load_retriever(tmp_path / "runs" / run.name / "retriever")
+    assert checkpoint.sid_version == "sids-v1"
+    assert checkpoint.meta["train_config"] == train_config.to_dict() and checkpoint.meta["world_size"] == 2
+    # The returned model is the best epoch's, and its loss over the whole validation set is the
+    # loss the two ranks pooled over their halves.
+    data = history_training_data(*(read_parquet(paths[k]) for k in ("sid_table", "train", "valid")), train_config.max_history)
+    full = validation_loss(model, data.valid, torch.as_tensor(data.sid_tokens), train_config, user_offset=vocab)
+    assert full == pytest.approx(history["best_valid_loss"], rel=1e-5)
+
+
+@pytest.mark.timeout(90)
+def test_fit_retriever_refuses_a_vocabulary_that_does_not_fit_the_sids(ray_local, tmp_path):
+    from ray.train import TrainingFailedError
+
+    vocab, paths = _sid_table_and_interactions(tmp_path)
+    run = TrainRun(name=f"retriever-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "runs"), cpus_per_worker=WORKER_CPUS)
+    # Checked on the driver, before any worker starts.
+    with pytest.raises(ValueError, match="user tokens"):
+        fit_retriever(paths["sid_table"], paths["train"], paths["valid"], replace(_retriever_config(vocab), encoder_vocab_size=vocab),
+                      TRAIN_CONFIG, run, sid_version="sids-v1")
+    # Checked on the workers, which read the SID table: a vocabulary of level-1 codes only.
+    with pytest.raises(TrainingFailedError, match="beyond the retriever's vocab_size"):
+        fit_retriever(paths["sid_table"], paths["train"], paths["valid"], _retriever_config(FIRST_CODE_TOKEN + 8), TRAIN_CONFIG,
+                      run, sid_version="sids-v1")
+
+
+@pytest.mark.timeout(20)
+def test_sid_token_matrix_reproduces_the_sid_tables_tokens():
+    rng = np.random.default_rng(1)
+    item_ids = np.arange(300, dtype=np.int64)
+    pop = rng.integers(0, 50, 300)
+    table = assign_sids(item_ids, rng.integers(0, 8, (300, 3)), pop, assign_segments(item_ids, pop, SegmentConfig()),
+                        (8, 8, 8), SIDConfig(tau=5.0))  # adaptive lengths and digits: IDs of every length
+    tokens = sid_token_matrix(table.to_arrow().column("sid"))
+    width = int(table.sid_len.max()) + 1
+    assert len(np.unique(table.sid_len)) > 1
+    np.testing.assert_array_equal(tokens, table.tokens[:, :width])
