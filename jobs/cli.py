@@ -25,6 +25,11 @@ REFUSED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``sa2crq`` parser (library commands and jobs), built without running anything."""
     parser, commands = base_parser()
     add_library_commands(commands)
     for job, help_text in JOB_HELP.items():
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--reuse-tokenizer", metavar="VERSION", help="encode with this published version's tokenizer")
             sub.add_argument("--force", action="store_true", help="publish even when SID churn exceeds the limit")
         sub.set_defaults(run=_run_job, job=job)
-    return run(parser, argv)
+    return parser
 
 
 def _run_job(args: argparse.Namespace) -> int:

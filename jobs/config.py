@@ -10,6 +10,7 @@ override it.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,15 @@ from sa2crq.retrieval.training import RetrieverTrainConfig
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _absolute_paths(config: object, *names: str) -> None:
+    """Make local paths absolute where they are given: Ray workers do not share the driver's
+    working directory. URLs (``s3://``, ``file://``) are left as they are."""
+    for name in names:
+        value = getattr(config, name)
+        if value and "://" not in value:
+            object.__setattr__(config, name, os.path.abspath(value))
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,7 @@ class StorageConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.root), "storage.root must name a location")
+        _absolute_paths(self, "root", "local_server_dir")
 
     @property
     def sids(self) -> str:
@@ -66,6 +77,7 @@ class SparkConfig:
 
     def __post_init__(self) -> None:
         _require(self.shuffle_partitions >= 1, "spark.shuffle_partitions must be >= 1")
+        _absolute_paths(self, "staging_dir")
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,7 @@ class RecodeConfig:
         _require(0.0 <= self.churn_limit <= 1.0, "churn_limit must be in [0, 1]")
         _require(self.shards >= 1, "shards must be >= 1")
         _require(0.0 <= self.max_reject_fraction <= 1.0, "max_reject_fraction must be in [0, 1]")
+        _absolute_paths(self, "items", "interactions", "embedding_cache")
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,7 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.items), "ingest needs items (their parquet path)")
+        _absolute_paths(self, "items", "embedding_cache")
 
 
 @dataclass(frozen=True)
@@ -158,25 +172,30 @@ class TrainRetrieverConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.interactions) and bool(self.valid), "train-retriever needs interactions and valid (parquet paths)")
+        _absolute_paths(self, "interactions", "valid")
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     """``sa2crq generate``: requests -> constrained beam search -> candidate parquet."""
 
-    # History requests: the interactions whose per-user sequences are the histories (one request
-    # per user, request_id = user_id). Query requests: parquet of request_id, query.
+    # Parquet of request_id + history (item ids, oldest first; optional user_id), or of
+    # request_id + query (text). Each row group is a shard of work.
     requests: str = ""
     request_kind: str = "history"
     out: str = ""  # candidate set location; committed shards there are skipped on rerun
     retriever_version: str | None = None  # None: the latest
+    # The SID version served; None: the latest. It must be the one the retriever was trained on.
+    sid_version: str | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    embedding_cache: str | None = ".cache/embeddings"  # query requests: query text embeddings
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.requests) and bool(self.out), "generate needs requests and out")
         _require(self.request_kind in ("history", "query"), "request_kind must be history or query")
+        _absolute_paths(self, "requests", "out", "embedding_cache")
 
 
 @dataclass(frozen=True)
@@ -186,6 +205,7 @@ class EvaluateConfig:
     history: str = ""  # interactions forming the histories (training + validation)
     targets: str = ""  # one held-out target per user
     retriever_version: str | None = None
+    sid_version: str | None = None  # None: the latest; it must be the one the retriever was trained on
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     hallucination_requests: int = 500
     out: str | None = None  # where the JSON report goes (default: beside the retriever)
@@ -193,6 +213,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.history) and bool(self.targets), "evaluate needs history and targets (parquet paths)")
+        _absolute_paths(self, "history", "targets", "out")
 
 
 JOB_CONFIGS: dict[str, type] = {

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 @contextmanager
 def spark_session(config: SparkConfig, app: str) -> Iterator["SparkSession"]:
     """The job's Spark session; an already running one (a test's, or spark-submit's) is reused and left running."""
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    if config.master.startswith("local"):
+        # An embedded Spark talks to itself only; a cluster driver needs its real address.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
@@ -61,7 +63,7 @@ def ray_runtime(config: RayConfig) -> Iterator[None]:
         return
     # Workers inherit this process's environment (AWS_ENDPOINT_URL, credentials) on a local Ray.
     ray.init(address=config.address, num_cpus=config.num_cpus if config.address is None else None,
-             include_dashboard=False, configure_logging=False, log_to_driver=False)
+             include_dashboard=False, configure_logging=False, log_to_driver=True)  # workers' progress lines
     try:
         yield
     finally:
@@ -136,3 +138,10 @@ def copy_tree(src: str, dst: str) -> None:
             dst_fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         pafs.copy_files(f.path, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
     log.debug("copied %d files from %s to %s", len(files), src, dst)
+
+
+def remove_tree(url: str) -> None:
+    """Delete a directory (local path or URL) if it exists."""
+    fs, path = resolve_filesystem(url)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)

@@ -18,26 +18,23 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from jobs.config import RecodeConfig, config_dict
-from jobs.engines import SparkStaging, copy_tree, ray_runtime, spark_session
+from jobs.engines import SparkStaging, copy_tree, ray_runtime, remove_tree, spark_session
 from jobs.object_store import object_store
+from jobs.publishing import write_json
 from jobs.summary import JobSummary
 from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.ids.stability import PublishedSIDs, sid_churn, stable_assign_sids
 from sa2crq.ids.trie import SIDTrie
-from sa2crq.data.segments import SEGMENT_NAMES
+from sa2crq.data.segments import SEGMENT_NAMES, segment_codes
 from sa2crq.quantize.tokenizer import Tokenizer, load_tokenizer
 from sa2crq.retrieval.data import sid_token_matrix
 from sa2crq.retrieval.serving import sorted_sid_table
 from sa2crq.storage import layout
-from sa2crq.storage.filesystem import read_parquet, resolve_filesystem, write_parquet
+from sa2crq.storage.filesystem import read_parquet, write_parquet
 from sa2crq.storage.publish import Publisher
-from sa2crq.storage.reports import dumps_report
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +133,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
 
         codes = staging.read(spark, f"{url}/{layout.CODES}")
         finalised = finalise_sids(codes, len(tokenizer.codebook_sizes()), config.tokenizer.sid)
-        staging.write(sid_table(finalised, vocab).select(*SID_COLUMNS), f"{url}/{layout.SID_TABLE}")
+        staging.write(sid_table(finalised, vocab).select(*layout.SID_TABLE_COLUMNS), f"{url}/{layout.SID_TABLE}")
     lap("sids")
 
     # 7. Trie, rows in item-id order (the serving order).
@@ -166,8 +163,8 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     lap("report")
     report["seconds"] = timings
 
-    _remove(work)
-    _write_report(f"{url}/{layout.REPORT}", report)
+    remove_tree(work)
+    write_json(f"{url}/{layout.REPORT}", report)
     summary.report = report
     summary.add("rejected items", f"{url}/{layout.REJECTS}/items", items.counts["rejected"])
     summary.add("rejected interactions", f"{url}/{layout.REJECTS}/interactions", interactions.counts["rejected"])
@@ -191,9 +188,6 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     summary.published = True
 
 
-SID_COLUMNS = ("item_id", "sid", "sid_len", "code_depth", "digit", "bucket_size", "segment", "popularity", "codes")
-
-
 def _tokenizer(config: RecodeConfig, publisher: Publisher, version: str, target: str) -> Tokenizer:
     if config.reuse_tokenizer is not None:
         copy_tree(f"{publisher.version_url(config.reuse_tokenizer)}/{layout.TOKENIZER}", target)
@@ -214,19 +208,18 @@ def _tokenizer(config: RecodeConfig, publisher: Publisher, version: str, target:
 def _stable_sids(config: RecodeConfig, parent_url: str, url: str, tokenizer: Tokenizer) -> dict[str, Any]:
     """SIDs that keep the parent's wherever the stability rule allows (DESIGN §3.3a)."""
     codes = read_parquet(f"{url}/{layout.CODES}")
-    previous = PublishedSIDs.from_arrow(read_parquet(f"{parent_url}/{layout.SID_TABLE}", columns=list(SID_COLUMNS)))
-    segments = pc.index_in(codes.column("segment"), pa.array(SEGMENT_NAMES)).to_numpy(zero_copy_only=False)
+    previous = PublishedSIDs.from_arrow(read_parquet(f"{parent_url}/{layout.SID_TABLE}", columns=list(layout.SID_TABLE_COLUMNS)))
     flat = codes.column("codes").combine_chunks()
     table, stats = stable_assign_sids(
         previous,
         codes.column("item_id").to_numpy(zero_copy_only=False),
         flat.flatten().to_numpy(zero_copy_only=False).reshape(codes.num_rows, -1),
         codes.column("popularity").to_numpy(zero_copy_only=False),
-        segments.astype(np.int8),
+        segment_codes(codes.column("segment")),
         tokenizer.codebook_sizes(),
         config.tokenizer.sid,
     )
-    write_parquet(table.to_arrow().select(list(SID_COLUMNS)), f"{url}/{layout.SID_TABLE}/part-00000.parquet")
+    write_parquet(table.to_arrow().select(list(layout.SID_TABLE_COLUMNS)), f"{url}/{layout.SID_TABLE}/part-00000.parquet")
     return {"pinned": stats.pinned, "placed": stats.placed, "moved_by_hysteresis": stats.moved_by_hysteresis,
             "new_items": stats.new_items, "removed_items": stats.removed_items,
             "hysteresis_levels": config.tokenizer.sid.hysteresis_levels}  # fmt: skip
@@ -257,15 +250,3 @@ def _check_rows(stage: str, rows_in: int, rows_out: int, expected: int) -> None:
         raise RuntimeError(f"{stage}: {rows_in} rows in but {rows_out} out")
     if rows_in and rows_in != expected:
         raise RuntimeError(f"{stage}: processed {rows_in} rows, expected {expected}")
-
-
-def _remove(url: str) -> None:
-    fs, path = resolve_filesystem(url)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-
-
-def _write_report(url: str, report: dict[str, Any]) -> None:
-    fs, path = resolve_filesystem(url)
-    with fs.open_output_stream(path) as f:
-        f.write(dumps_report(report).encode())

@@ -19,6 +19,7 @@ class JobSummary:
     job: str
     version: str | None = None  # the version published, if any
     published: bool = False
+    publishes: bool = True  # False for jobs that write outputs but no version (generate, evaluate)
     outputs: list[Output] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
@@ -27,7 +28,7 @@ class JobSummary:
         self.outputs.append(Output(name, location, rows))
 
     def format(self) -> str:
-        state = f"published version {self.version}" if self.published else "published nothing"
+        state = f"published version {self.version}" if self.published else "published nothing" if self.publishes else "done"
         lines = [f"{self.job}: {state}"]
         width = max((len(o.name) for o in self.outputs), default=0)
         for o in self.outputs:

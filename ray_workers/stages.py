@@ -1,4 +1,4 @@
-"""Per-shard transforms for :func:`ray_workers.shards.map_shards`: item embedding and full-depth encoding.
+"""Per-shard transforms for :func:`ray_workers.shards.map_shards`: item embedding, full-depth encoding, generation.
 
 Each stage is a factory, called once in each actor, that loads what the stage needs and returns the
 per-table transform. The factories are module-level functions so that Ray pickles them by reference.
@@ -14,9 +14,11 @@ import pyarrow as pa
 from sa2crq.data.embed import TextEmbedder
 from sa2crq.data.validation import DEFAULT_TEXT_COLUMNS
 from sa2crq.quantize.tokenizer import load_tokenizer
+from sa2crq.retrieval.candidates import GenerationConfig
+from sa2crq.retrieval.serving import load_server
 from sa2crq.tokenize_catalog import item_embeddings
 
-__all__ = ["CODES_COLUMN", "EMBEDDING_COLUMN", "embed_stage", "encode_stage"]
+__all__ = ["CODES_COLUMN", "EMBEDDING_COLUMN", "embed_stage", "encode_stage", "generate_stage"]
 
 EMBEDDING_COLUMN = "embedding"
 CODES_COLUMN = "codes"
@@ -57,3 +59,35 @@ def encode_stage(tokenizer_url: str) -> Callable[[pa.Table], pa.Table]:
 
 def _fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def generate_stage(
+    sid_version_url: str,
+    sid_version: str,
+    retriever_url: str,
+    retriever_version: str,
+    generation: dict,
+    request_kind: str,
+    cache_dir: str | None,
+) -> Callable[[pa.Table], pa.Table]:
+    """Requests -> candidates: ``request_id``, ``item_ids``, ``scores`` (best first), the versions used,
+    and for history requests how many history items the SID version did not know."""
+    server = load_server(sid_version_url, sid_version, retriever_url, GenerationConfig(**generation))
+    embedder = TextEmbedder(cache_dir) if request_kind == "query" else None
+
+    def generate(requests: pa.Table) -> pa.Table:
+        request_ids = requests.column("request_id").to_numpy(zero_copy_only=False)
+        if embedder is None:
+            built, unknown = server.history_requests(requests)
+        else:
+            built = server.query_requests(request_ids, embedder.embed(requests.column("query").to_pylist()))
+            unknown = np.zeros(len(request_ids), dtype=np.int64)
+        out = server.candidates(request_ids, built)
+        n = out.num_rows
+        return (
+            out.append_column("sid_version", pa.array([sid_version] * n, pa.string()))
+            .append_column("retriever_version", pa.array([retriever_version] * n, pa.string()))
+            .append_column("unknown_history_items", pa.array(unknown.astype(np.int32)))
+        )
+
+    return generate

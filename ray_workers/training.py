@@ -184,7 +184,7 @@ def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
     )
     scalars = {key: history[key] for key in ("best_epoch", "best_valid_loss", "steps", "seconds")}
     metrics = {**scalars, REPLICA_FINGERPRINTS: _replica_fingerprints(model.state_dict())}
-    meta = {"train_config": train_config.to_dict(), "history": history, "world_size": world}
+    meta = {"train_config": train_config.to_dict(), "history": history | {"off_catalog": data.off_catalog}, "world_size": world}
     _report_once(
         metrics, RETRIEVER_CHECKPOINT,
         lambda directory: save_retriever(directory, model.cpu(), sid_version=args["sid_version"], meta=meta),

@@ -109,7 +109,7 @@ def _datasets(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from sa2crq.data.datasets import load_amazon_beauty, load_movielens_100k
-    from sa2crq.data.splits import cold_start_split, leave_one_out
+    from sa2crq.data.splits import cold_start_split, history_requests, leave_one_out
 
     if args.name == "amazon-beauty":
         items, interactions = load_amazon_beauty()
@@ -133,8 +133,12 @@ def _datasets(args: argparse.Namespace) -> int:
                 items.column("item_id").to_numpy(), interactions, fraction=args.cold_fraction, seed=args.seed
             )
         tables.update(interactions=split.train, valid=split.valid, test=split.test)
+        # What a test-time request sees: the training and validation items, oldest first.
+        tables["history"] = pa.concat_tables([split.train, split.valid])
+        tables["requests"] = history_requests(tables["history"])
     for name, table in tables.items():
-        pq.write_table(table, args.out / f"{name}.parquet")
+        # Requests in row groups of 256: each row group is one shard of the generate job.
+        pq.write_table(table, args.out / f"{name}.parquet", row_group_size=256 if name == "requests" else None)
         print(f"wrote {name}: {args.out / f'{name}.parquet'} ({table.num_rows} rows)")
     return 0
 

@@ -39,3 +39,14 @@ def assign_segments(item_ids: np.ndarray, popularity: np.ndarray, config: Segmen
     segments[rank < n_head] = HEAD
     segments[np.asarray(popularity) == 0] = COLD
     return segments
+
+
+def segment_codes(names) -> np.ndarray:
+    """Segment codes (int8) of a column of segment names, as stored in parquet; an unknown name is an error."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    codes = pc.index_in(names, pa.array(SEGMENT_NAMES))
+    if codes.null_count:
+        raise ValueError(f"{codes.null_count} segment names are not among {', '.join(SEGMENT_NAMES)}")
+    return codes.to_numpy(zero_copy_only=False).astype(np.int8)

@@ -156,3 +156,13 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     array = array.copy()
     array.flags.writeable = False
     return array
+
+
+def history_requests(interactions: pa.Table) -> pa.Table:
+    """One generation request per user: ``request_id`` (= ``user_id``), ``user_id`` and ``history``,
+    the user's item ids oldest first: the request format of the ``generate`` job."""
+    ordered = interactions.sort_by([("user_id", "ascending"), ("timestamp", "ascending")])
+    # Single-threaded grouping keeps each list in the sorted order.
+    grouped = ordered.group_by("user_id", use_threads=False).aggregate([("item_id", "list")])
+    users = grouped.column("user_id")
+    return pa.table({"request_id": users, "user_id": users, "history": grouped.column("item_id_list")})

@@ -161,20 +161,35 @@ class HistoryTrainingData:
     sid_tokens: np.ndarray  # (N, T) token rows, row i = item i of the SID table
     train: Requests  # every position of every training sequence
     valid: Requests  # one per validation row; history = the user's training sequence
+    # Interaction rows left out because their item is not in the SID table, per input.
+    off_catalog: dict[str, int]
 
 
 def history_training_data(sid_table: pa.Table, train: pa.Table, valid: pa.Table, max_history: int) -> HistoryTrainingData:
     """From a SID table (``item_id``, ``sid``) and training / validation interactions (``user_id``,
     ``item_id``, ``timestamp``). Interactions are sorted by (user, timestamp) here: parquet written by
-    several writers need not keep the split's order."""
+    several writers need not keep the split's order. Interactions with items the SID table lacks
+    (rejected by validation, or removed) are left out and counted."""
     index = ItemIndex(sid_table.column("item_id").to_numpy(zero_copy_only=False))
-    by_user_time = [("user_id", "ascending"), ("timestamp", "ascending")]
-    train_seq = Sequences.from_interactions(train.sort_by(by_user_time), index)
+    train, train_off = on_catalog(train, sid_table.column("item_id"))
+    valid, valid_off = on_catalog(valid, sid_table.column("item_id"))
+    train_seq = Sequences.from_interactions(train.sort_by(BY_USER_TIME), index)
     return HistoryTrainingData(
         sid_token_matrix(sid_table.column("sid")),
         training_requests(train_seq, max_history),
         evaluation_requests(train_seq, valid, index, max_history),
+        {"train": train_off, "valid": valid_off},
     )
+
+
+BY_USER_TIME = [("user_id", "ascending"), ("timestamp", "ascending")]
+
+
+def on_catalog(interactions: pa.Table, item_ids: pa.Array | pa.ChunkedArray) -> tuple[pa.Table, int]:
+    """The interactions whose item is in ``item_ids``, and how many rows were not."""
+    known = pc.is_in(interactions.column("item_id"), value_set=item_ids)
+    kept = interactions.filter(known)
+    return kept, interactions.num_rows - kept.num_rows
 
 
 def query_requests(queries: pa.Table, embeddings: np.ndarray, index: ItemIndex) -> Requests:

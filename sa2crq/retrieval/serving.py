@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from sa2crq.data.segments import SEGMENT_NAMES
+from sa2crq.data.segments import segment_codes
 from sa2crq.ids.trie import SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
 from sa2crq.retrieval.checkpoint import load_retriever
@@ -57,8 +57,7 @@ def load_catalog_view(sid_version_url: str) -> CatalogView:
     vectors = embedded.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     embeddings = np.empty((len(index), vectors.size // max(len(index), 1)), dtype=np.float32)
     embeddings[rows] = vectors.reshape(len(index), -1)
-    segments = pc.index_in(table.column("segment"), pa.array(SEGMENT_NAMES)).to_numpy(zero_copy_only=False).astype(np.int8)
-    return CatalogView(index, sid_token_matrix(table.column("sid")), segments, embeddings, SIDTrie.load(f"{sid_version_url}/{layout.TRIE}"))
+    return CatalogView(index, sid_token_matrix(table.column("sid")), segment_codes(table.column("segment")), embeddings, SIDTrie.load(f"{sid_version_url}/{layout.TRIE}"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,17 +69,19 @@ class Server:
     max_history: int
     sid_version: str
 
-    def history_requests(self, table: pa.Table) -> tuple[Requests, int]:
+    def history_requests(self, table: pa.Table) -> tuple[Requests, np.ndarray]:
         """Requests from rows of ``request_id``, ``history`` (item ids, oldest first) and optional ``user_id``.
 
-        History items the SID version does not know are left out of the encoder input; their count
-        is returned so the job reports it.
+        History items the SID version does not know are left out of the encoder input; how many,
+        per request, is returned so the job reports it.
         """
         history = table.column("history").combine_chunks()
         lengths = pc.list_value_length(history).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         ids = pc.list_flatten(history).to_numpy(zero_copy_only=False)
         known, rows = self._known(ids)
-        owner = np.repeat(np.arange(len(lengths)), lengths)[known]
+        every_owner = np.repeat(np.arange(len(lengths)), lengths)
+        unknown = np.bincount(every_owner[~known], minlength=len(lengths))
+        owner = every_owner[known]
         rows = rows[known]
         # Keep each request's last max_history known items, oldest first, -1 padded on the left.
         kept = np.bincount(owner, minlength=len(lengths))
@@ -89,7 +90,7 @@ class Server:
         inside = from_end >= -self.max_history
         window[owner[inside], self.max_history + from_end[inside]] = rows[inside]
         users = table.column("user_id" if "user_id" in table.column_names else "request_id").to_numpy(zero_copy_only=False)
-        return Requests(np.asarray(users), window, np.full(len(lengths), -1, dtype=np.int64)), int((~known).sum())
+        return Requests(np.asarray(users), window, np.full(len(lengths), -1, dtype=np.int64)), unknown
 
     def query_requests(self, request_ids: np.ndarray, query_embeddings: np.ndarray) -> Requests:
         if self.generator.model.config.query_dim == 0:

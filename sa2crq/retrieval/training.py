@@ -93,7 +93,6 @@ def train_retriever(
     user_offset: int,
 ) -> dict:
     """Train in place on this rank's ``train`` shard; returns the history (losses, best epoch, time)."""
-    device = sid_tokens.device
     generator = torch.Generator().manual_seed(config.seed + distributed.rank())
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = distributed.steps_per_epoch(len(train), config.batch_size)

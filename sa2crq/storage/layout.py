@@ -22,3 +22,6 @@ WORK = "_work"  # the job's scratch inside the version; removed before the manif
 # --- retriever versions, written by train-retriever ---------------------------------------------
 RETRIEVER = "retriever"  # safetensors + JSON, records the SID version it was trained on
 TRAIN_REPORT = "train_report.json"
+
+# The SID table's columns, in order (:meth:`sa2crq.ids.sid_table.SIDTable.to_arrow`).
+SID_TABLE_COLUMNS = ("item_id", "sid", "sid_len", "code_depth", "digit", "bucket_size", "segment", "popularity", "codes")

@@ -1,0 +1,83 @@
+"""``sa2crq evaluate``: the retrieval metrics (DESIGN §5) of a published retriever on held-out targets.
+
+The histories (training + validation interactions) and one target per user become requests; the
+retriever generates with the same constrained beam search and item scorer as ``generate``, items of
+the user's history excluded; Recall@K and NDCG@K overall and per segment, tail coverage, the share of
+top-K from buckets, and hallucination (unconstrained decoding) are written as JSON and printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.config import EvaluateConfig
+from jobs.object_store import object_store
+from jobs.publishing import resolve_version, write_json
+from jobs.summary import JobSummary
+from sa2crq.metrics.retrieval import RetrievalAccumulator
+from sa2crq.retrieval.data import BY_USER_TIME, Sequences, evaluation_requests, on_catalog
+from sa2crq.retrieval.serving import load_server
+from sa2crq.storage import layout
+from sa2crq.storage.filesystem import read_parquet
+from sa2crq.storage.publish import Publisher
+
+log = logging.getLogger(__name__)
+
+
+def run_evaluate(config: EvaluateConfig) -> JobSummary:
+    storage = config.storage
+    with object_store(storage.root, endpoint_url=storage.endpoint_url, local_server_dir=storage.local_server_dir):
+        retrievers, sids = Publisher(storage.retrievers), Publisher(storage.sids)
+        retriever_version = resolve_version(retrievers, config.retriever_version, "retriever", hint="run `sa2crq train-retriever` first")
+        sid_version = config.sid_version or retrievers.manifest(retriever_version).meta["sid_version"]
+        server = load_server(
+            sids.version_url(sid_version), sid_version, f"{retrievers.version_url(retriever_version)}/{layout.RETRIEVER}", config.generation
+        )
+        index = server.catalog.index
+        catalog_ids = pa.array(index.item_ids)
+        history, history_off = on_catalog(read_parquet(config.history), catalog_ids)
+        targets, targets_off = on_catalog(read_parquet(config.targets), catalog_ids)
+        requests = evaluation_requests(Sequences.from_interactions(history.sort_by(BY_USER_TIME), index), targets, index, server.max_history)
+        started = time.perf_counter()
+        candidates = server.generator.generate(requests)
+        seconds = time.perf_counter() - started
+        accumulator = RetrievalAccumulator(item_index=np.arange(len(index)), item_segments=server.catalog.segments, ks=(5, 10))
+        accumulator.update(candidates.items, requests.target, from_bucket=candidates.from_bucket)
+        metrics = accumulator.result()
+        sample = np.arange(min(len(requests), config.hallucination_requests))
+        metrics["hallucination"] = server.generator.hallucination_rate(requests.subset(sample))
+        metrics["constrained_invalid"] = candidates.invalid_beams / max(candidates.beams, 1)
+        metrics["generate_seconds"] = round(seconds, 2)
+        report = {"retriever_version": retriever_version, "sid_version": sid_version, "history_excluded": True,
+                  "generation": config.generation.to_dict(), "metrics": metrics,
+                  "off_catalog": {"history_rows": history_off, "targets": targets_off}}  # fmt: skip
+        out = config.out or f"{storage.root.rstrip('/')}/evaluations/{retriever_version}.json"
+        write_json(out, report)
+        summary = JobSummary("evaluate", publishes=False, report=report)
+        summary.add("evaluation report", out)
+        if targets_off:
+            summary.notes.append(f"{targets_off} targets name items outside SID version {sid_version} and are not scored")
+        summary.notes.append("\n" + format_metrics(metrics))
+        return summary
+
+
+def format_metrics(metrics: dict) -> str:
+    """A markdown table: overall and per-segment R@5, N@5, R@10, N@10, then the other numbers."""
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    names = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+    lines = ["| slice | requests | R@5 | N@5 | R@10 | N@10 |", "|---|---|---|---|---|---|"]
+    lines.append(f"| all | {metrics['requests']} | " + " | ".join(cell(metrics[n]) for n in names) + " |")
+    for name, values in metrics["segments"].items():
+        lines.append(f"| {name} | {values['requests']} | " + " | ".join(cell(values[n]) for n in names) + " |")
+    lines.append(
+        f"tail coverage {metrics['tail_coverage']}, top-{metrics['k']} from buckets {cell(metrics['bucket_share_at_k'])}, "
+        f"hallucination (unconstrained) {cell(metrics['hallucination'])}, constrained invalid {cell(metrics['constrained_invalid'])}"
+    )
+    return "\n".join(lines)

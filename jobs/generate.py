@@ -1,0 +1,87 @@
+"""``sa2crq generate``: offline candidate generation with a published retriever (Ray Data).
+
+requests (parquet; each row group one shard) -> constrained beam search + the item scorer, in an
+actor pool -> ``OUT/parts/<shard>.parquet`` (``request_id``, ``item_ids``, ``scores``, the SID and
+retriever versions used). A shard's file appears complete or not at all, so a rerun skips the
+committed shards and does the rest. ``OUT/_RUN.json`` pins the versions of the candidate set: a
+rerun with other versions into the same ``out`` is refused, and so is a retriever trained on
+another SID version than the one served.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow.fs as pafs
+
+from jobs.config import GenerateConfig
+from jobs.engines import ray_runtime
+from jobs.object_store import object_store
+from jobs.publishing import read_json, resolve_version, write_json
+from jobs.summary import JobSummary
+from sa2crq.retrieval.serving import VersionMismatchError
+from sa2crq.storage import layout
+from sa2crq.storage.filesystem import resolve_filesystem
+from sa2crq.storage.publish import Publisher
+
+log = logging.getLogger(__name__)
+
+PARTS = "parts"
+RUN_FILE = "_RUN.json"
+
+
+def run_generate(config: GenerateConfig) -> JobSummary:
+    from ray_workers.shards import map_shards
+    from ray_workers.stages import generate_stage
+
+    storage = config.storage
+    with object_store(storage.root, endpoint_url=storage.endpoint_url, local_server_dir=storage.local_server_dir), ray_runtime(config.ray):
+        retrievers, sids = Publisher(storage.retrievers), Publisher(storage.sids)
+        retriever_version = resolve_version(retrievers, config.retriever_version, "retriever", hint="run `sa2crq train-retriever` first")
+        sid_version = resolve_version(sids, config.sid_version, "SID", hint="run `sa2crq recode` first")
+        trained_on = retrievers.manifest(retriever_version).meta["sid_version"]
+        if trained_on != sid_version:
+            raise VersionMismatchError(
+                f"retriever {retriever_version} was trained on SID version {trained_on}, but SID version {sid_version} "
+                f"would be served: train a retriever on {sid_version}, or set sid_version={trained_on}"
+            )
+        out = config.out.rstrip("/")
+        run = {"retriever_version": retriever_version, "sid_version": sid_version, "request_kind": config.request_kind,
+               "generation": config.generation.to_dict()}  # fmt: skip
+        _pin_run(out, run)
+        result = map_shards(
+            config.requests, f"{out}/{PARTS}", generate_stage,
+            {
+                "sid_version_url": sids.version_url(sid_version), "sid_version": sid_version,
+                "retriever_url": f"{retrievers.version_url(retriever_version)}/{layout.RETRIEVER}",
+                "retriever_version": retriever_version, "generation": config.generation.to_dict(),
+                "request_kind": config.request_kind, "cache_dir": config.embedding_cache,
+            },
+            actors=config.ray.actors, cpus_per_actor=config.ray.cpus_per_actor, gpus_per_actor=config.ray.gpus_per_actor,
+            desc="generate",
+        )  # fmt: skip
+        if result.rows_in != result.rows_out:
+            raise RuntimeError(f"generate: {result.rows_in} requests in but {result.rows_out} candidate rows out")
+        summary = JobSummary("generate", publishes=False)
+        summary.add("candidates", f"{out}/{PARTS}", result.rows_out)
+        summary.notes.append(
+            f"{result.shards_done} shards written, {result.shards_skipped} already committed and skipped "
+            f"(of {result.shards_total}); retriever {retriever_version} on SID version {sid_version}"
+        )
+        summary.report = {**run, "shards": result.shards_total, "shards_done": result.shards_done,
+                          "shards_skipped": result.shards_skipped, "rows_written": result.rows_out}  # fmt: skip
+        return summary
+
+
+def _pin_run(out: str, run: dict) -> None:
+    """Record the versions of this candidate set, or check them against the ones recorded."""
+    fs, path = resolve_filesystem(f"{out}/{RUN_FILE}")
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        pinned = read_json(f"{out}/{RUN_FILE}")
+        if pinned != run:
+            raise VersionMismatchError(
+                f"{out} already holds candidates from {pinned['retriever_version']} on SID version {pinned['sid_version']} "
+                f"(kind {pinned['request_kind']}): write these to another out, or delete it"
+            )
+        return
+    write_json(f"{out}/{RUN_FILE}", run)
