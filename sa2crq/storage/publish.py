@@ -11,7 +11,8 @@ previous version readable and LATEST untouched. LATEST moves by compare-and-swap
 names the version it built on, and the switch happens under an exclusive lock object (created
 only if absent) only if LATEST still names that version; otherwise :class:`ConcurrentPublishError`
 tells the caller to rebuild on top of the newer version, so two jobs publishing at once cannot
-lose an update.
+lose an update. The manifest is written under the same lock, just before the pointer moves, so a
+refused attempt leaves no manifest behind and can be discarded.
 """
 
 from __future__ import annotations
@@ -92,9 +93,9 @@ class Publisher:
         return version
 
     def publish(self, version: str, *, parent: str | None, meta: dict[str, Any] | None = None) -> Manifest:
-        """Write the manifest of ``version`` (built on ``parent``), then move LATEST to it if LATEST
-        still names ``parent``. Raises :class:`ConcurrentPublishError` otherwise; the version stays
-        complete on storage (with its manifest) but unpointed."""
+        """Write the manifest of ``version`` (built on ``parent``) and move LATEST to it, if LATEST
+        still names ``parent``; otherwise raise :class:`ConcurrentPublishError` and write nothing, so
+        the caller can discard the attempt and rebuild on the newer version."""
         base = self.version_path(version)
         files = {}
         for path in sorted(self.fs.find(base)):
@@ -103,12 +104,13 @@ class Publisher:
                 continue
             files[relative] = {"size": self.fs.size(path), "sha256": _sha256(self.fs, path)}
         manifest = Manifest(version, parent, datetime.now(timezone.utc).isoformat(), files, dict(meta or {}))
-        with self.fs.open(f"{base}/{MANIFEST}", "wb") as f:
-            f.write(json.dumps(asdict(manifest), indent=2, sort_keys=True).encode())
         with self._lock():
             current = self.latest()
             if current != parent:
                 raise ConcurrentPublishError(f"LATEST is {current}, not {parent}: rebuild on {current} and publish again")
+            # Manifest first, then the pointer: a crash between leaves a complete version nobody points at.
+            with self.fs.open(f"{base}/{MANIFEST}", "wb") as f:
+                f.write(json.dumps(asdict(manifest), indent=2, sort_keys=True).encode())
             self._write_pointer(version)
         return manifest
 

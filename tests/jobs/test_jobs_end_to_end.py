@@ -1,0 +1,303 @@
+"""Every job on a small catalog through the real engines: local Spark, local Ray, a real S3 server.
+
+The tests share one storage root and run in file order, as the jobs do in production: recode
+publishes the first version, the retriever is trained on it and generates, then recodes with a
+reused and a fresh tokenizer exercise stability and the churn guard, then ingests add items.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.config import load_job_config
+from jobs.evaluate import run_evaluate
+from jobs.generate import PARTS, run_generate
+from jobs.ingest import run_ingest
+from jobs.recode import ChurnLimitExceeded, run_recode
+from jobs.train_retriever import run_train_retriever
+from sa2crq.data.segments import segment_codes
+from sa2crq.data.splits import history_requests
+from sa2crq.ids.sid_table import assign_sids
+from sa2crq.retrieval.serving import VersionMismatchError, load_catalog_view
+from sa2crq.storage import layout
+from sa2crq.storage.filesystem import read_parquet
+from sa2crq.storage.publish import Publisher
+
+from conftest import make_catalog
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("s3_endpoint", "spark", "ray_local")]
+
+ROOT = "s3://jobs-e2e/catalog"
+N_ITEMS, DIM = 400, 16
+TOKENIZER = {
+    "method": "sa2crq",
+    "rqvae": {"codebook_size": 16, "latent_dim": 8, "hidden_dims": [32], "epochs": 8, "batch_size": 128},
+    "acrq": {"epochs_per_stage": 3},
+}
+COMMON = {"storage.root": ROOT, "ray.train_workers": 2, "ray.cpus_per_train_worker": 0.5, "ray.actors": 2, "ray.cpus_per_actor": 0.5}
+
+
+def _assign(overrides: dict) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in {**COMMON, **overrides}.items()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """Items carrying their own embeddings (no text model needed), one of them broken; interactions
+    drawn from a heavy-tailed popularity; a validation and a test item per user; requests in 3 shards."""
+    base = tmp_path_factory.mktemp("jobs-data")
+    catalog = make_catalog(n=N_ITEMS, dim=DIM, clusters=12, seed=3)
+    ids = catalog.item_ids
+    embeddings = [list(map(float, row)) for row in catalog.embeddings]
+    embeddings[5] = None  # no embedding and no title: quarantined
+    titles = [f"item {i}" for i in ids]
+    titles[5] = None
+    items = pa.table({"item_id": ids, "title": titles, "embedding": pa.array(embeddings, pa.list_(pa.float32()))})
+    rng = np.random.default_rng(0)
+    weights = (catalog.popularity + 0.2) / (catalog.popularity + 0.2).sum()
+    users = np.repeat(np.arange(150), 12)
+    chosen = rng.choice(ids, size=len(users), p=weights)
+    chosen[:3] = ids[5]  # interactions with the quarantined item are quarantined with it
+    timestamps = np.tile(np.arange(12), 150)
+    interactions = pa.table({"user_id": users, "item_id": chosen, "timestamp": timestamps})
+    last = timestamps == 11
+    second = timestamps == 10
+    paths = {name: str(base / f"{name}.parquet") for name in ("items", "train", "valid", "test", "history", "requests")}
+    pq.write_table(items, paths["items"])
+    pq.write_table(interactions.filter(pa.array(~last & ~second)), paths["train"])
+    pq.write_table(interactions.filter(pa.array(second)), paths["valid"])
+    pq.write_table(interactions.filter(pa.array(last)), paths["test"])
+    history = interactions.filter(pa.array(~last))
+    pq.write_table(history, paths["history"])
+    pq.write_table(history_requests(history), paths["requests"], row_group_size=50)  # 3 shards
+    return paths
+
+
+def _recode(data: dict[str, str], **overrides):
+    config = load_job_config("recode", None, _assign({"items": data["items"], "interactions": data["train"], "tokenizer": TOKENIZER, **overrides}))
+    return config
+
+
+def _sid_table(version: str) -> pa.Table:
+    return read_parquet(f"{Publisher(f'{ROOT}/sids').version_url(version)}/{layout.SID_TABLE}").sort_by("item_id")
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_recode_publishes_a_version_whose_spark_sids_equal_the_library(data):
+    summary = run_recode(_recode(data))
+    publisher = Publisher(f"{ROOT}/sids")
+    assert summary.published and publisher.latest() == summary.version
+    files = publisher.manifest(summary.version).files
+    for part in (layout.SID_TABLE, layout.EMBEDDINGS, layout.CODES, layout.CATALOG, layout.TOKENIZER, layout.TRIE, layout.REJECTS):
+        assert any(name.startswith(part + "/") for name in files), part
+    assert layout.REPORT in files and not any(name.startswith(layout.WORK) for name in files)
+
+    report = summary.report
+    items_in = report["input"]["items"]
+    assert items_in == {"rows_in": N_ITEMS, "rows_out": N_ITEMS - 1, "rejected": 1, "by_reason": {"no_text_or_embedding": 1}}
+    bad_item = pq.read_table(data["items"]).column("item_id")[5]
+    with_bad_item = pc.sum(pc.equal(pq.read_table(data["train"]).column("item_id"), bad_item)).as_py()
+    assert with_bad_item >= 3 and report["input"]["interactions"]["by_reason"] == {"unknown_item_id": with_bad_item}
+
+    # The Spark SARQ finalisation equals the library's on the same codes and popularity, bit for bit.
+    url = publisher.version_url(summary.version)
+    codes = read_parquet(f"{url}/{layout.CODES}").sort_by("item_id")
+    levels = codes.column("codes").type.list_size
+    expected = assign_sids(
+        codes.column("item_id").to_numpy(),
+        codes.column("codes").combine_chunks().flatten().to_numpy().reshape(-1, levels),
+        codes.column("popularity").to_numpy(),
+        segment_codes(codes.column("segment")),
+        tuple(publisher.manifest(summary.version).meta["vocab"]["codebook_sizes"]),
+        _recode(data).tokenizer.sid,
+    ).to_arrow()
+    table = _sid_table(summary.version)
+    assert table.column("item_id").equals(expected.column("item_id"))
+    for column in ("sid", "code_depth", "digit", "bucket_size"):
+        assert table.column(column).to_pylist() == expected.column(column).to_pylist(), column
+
+    view = load_catalog_view(url)  # the serving view of the version loads and is consistent
+    assert len(view.index) == N_ITEMS - 1 and view.trie.n_sids == len(set(map(tuple, table.column("sid").to_pylist())))
+
+
+def test_a_recode_killed_before_publishing_leaves_the_previous_version(data, tmp_path):
+    publisher = Publisher(f"{ROOT}/sids")
+    before = (publisher.latest(), publisher.versions())
+    config = tmp_path / "recode.json"
+    overrides = {"items": data["items"], "interactions": data["train"], "tokenizer": TOKENIZER, "storage": {"root": ROOT},
+                 "ray": {"num_cpus": 1, "train_workers": 1, "cpus_per_train_worker": 0.5, "actors": 1, "cpus_per_actor": 0.5},
+                 "spark": {"master": "local[1]", "staging_dir": str(tmp_path / "staging")}}  # fmt: skip
+    config.write_text(json.dumps(overrides))
+    env = {**os.environ, "RAY_ADDRESS": ""}  # its own Ray, as a separate job would have
+    job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "recode", "--config", str(config)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    fs = fsspec.filesystem("s3", use_listings_cache=False)
+    try:
+        # Kill it once it has written part of a new version: its embeddings.
+        deadline = time.monotonic() + 300
+        while not any(p.endswith(f"/{layout.EMBEDDINGS}") for p in _new_version_dirs(fs, before[1])):
+            assert job.poll() is None, "the recode ended before it could be killed"
+            assert time.monotonic() < deadline, "the recode never wrote its embeddings"
+            time.sleep(0.5)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert (publisher.latest(), publisher.versions()) == before
+    load_catalog_view(publisher.version_url(before[0]))  # the previous version is still whole
+
+
+def _new_version_dirs(fs, known: list[str]) -> list[str]:
+    base = "jobs-e2e/catalog/sids/versions"
+    return [p for p in fs.find(base, withdirs=True) if p.count("/") == 5 and p.split("/")[4] not in known]
+
+
+def test_train_generate_resume_and_evaluate(data):
+    trained = run_train_retriever(load_job_config("train-retriever", None, _assign({
+        "interactions": data["train"], "valid": data["valid"],
+        "model": {"d_model": 16, "num_heads": 2, "head_dim": 8, "d_ff": 32, "encoder_layers": 1, "decoder_layers": 1},
+        "train": {"epochs": 2, "batch_size": 64, "warmup_steps": 5, "max_history": 5, "user_buckets": 50},
+    })))  # fmt: skip
+    sid_version = Publisher(f"{ROOT}/sids").latest()
+    assert trained.published and Publisher(f"{ROOT}/retrievers").manifest(trained.version).meta["sid_version"] == sid_version
+
+    out = f"{ROOT}/candidates/test"
+    generate = load_job_config("generate", None, _assign({"requests": data["requests"], "out": out, "generation": {"beam_width": 5, "k": 10}}))
+    first = run_generate(generate)
+    assert first.report["shards"] == 3 and first.report["shards_done"] == 3
+    candidates = read_parquet(f"{out}/{PARTS}")
+    assert candidates.num_rows == 150
+    assert set(candidates.column("sid_version").to_pylist()) == {sid_version}
+    lengths = pc.list_value_length(candidates.column("item_ids")).to_numpy()
+    # Up to K items: 5 beams over shared IDs may expand to fewer once the history is excluded.
+    assert (lengths >= 1).all() and (lengths <= 10).all() and lengths.mean() > 8
+    assert pc.list_value_length(candidates.column("scores")).equals(pc.list_value_length(candidates.column("item_ids")))
+
+    # Resume: a lost shard is redone, the committed ones are skipped, the result is the same.
+    fs = fsspec.filesystem("s3", use_listings_cache=False)
+    lost = sorted(fs.ls(out.removeprefix("s3://") + f"/{PARTS}"))[1]
+    fs.rm(lost)
+    second = run_generate(generate)
+    assert (second.report["shards_done"], second.report["shards_skipped"]) == (1, 2)
+    assert read_parquet(f"{out}/{PARTS}").sort_by("request_id").equals(candidates.sort_by("request_id"))
+
+    evaluated = run_evaluate(load_job_config("evaluate", None, [f"{k}={v}" for k, v in {
+        "history": data["history"], "targets": data["test"], "storage.root": ROOT, "generation.beam_width": 5,
+    }.items()]))  # fmt: skip
+    metrics = evaluated.report["metrics"]
+    assert metrics["requests"] == 150 and metrics["constrained_invalid"] == 0.0
+    assert 0.0 <= metrics["recall@5"] <= metrics["recall@10"] <= 1.0
+
+
+def test_reused_tokenizer_keeps_sids_and_the_churn_guard_refuses_a_new_one(data, tmp_path):
+    publisher = Publisher(f"{ROOT}/sids")
+    v1 = publisher.latest()
+    # More traffic on a few items: SARQ would lengthen some IDs, the hysteresis keeps them.
+    train = pq.read_table(data["train"])
+    extra = train.slice(0, 40).set_column(2, "timestamp", pa.array(np.full(40, 99)))
+    more = str(tmp_path / "train-more.parquet")
+    pq.write_table(pa.concat_tables([train, extra]), more)
+    reused = run_recode(_recode(data, interactions=more, reuse_tokenizer=v1))
+    assert reused.published and reused.report["churn"]["churn"] <= 0.05
+    before, after = _sid_table(v1), _sid_table(reused.version)
+    assert before.column("item_id").equals(after.column("item_id"))
+    assert reused.report["stability"]["pinned"] >= 0.95 * before.num_rows
+
+    # A freshly trained tokenizer (another seed) moves most SIDs: refused, LATEST stays.
+    fresh = _recode(data, **{"tokenizer": {**TOKENIZER, "rqvae": {**TOKENIZER["rqvae"], "seed": 7}}})
+    with pytest.raises(ChurnLimitExceeded, match="exceeds the limit"):
+        run_recode(fresh)
+    assert publisher.latest() == reused.version
+    forced = run_recode(fresh, force=True)
+    assert forced.published and publisher.latest() == forced.version and forced.report["churn"]["churn"] > 0.05
+    remap = read_parquet(f"{publisher.version_url(forced.version)}/{layout.REMAP}")
+    assert remap.num_rows == forced.report["churn"]["changed"]
+
+    # The retriever was trained on v1: generating over the new latest version is refused.
+    generate = load_job_config("generate", None, _assign({"requests": data["requests"], "out": f"{ROOT}/candidates/mismatch"}))
+    with pytest.raises(VersionMismatchError, match="was trained on SID version"):
+        run_generate(generate)
+
+
+def _new_items(first_id: int, n: int, seed: int) -> pa.Table:
+    catalog = make_catalog(n=n, dim=DIM, clusters=12, seed=seed)
+    return pa.table({
+        "item_id": np.arange(first_id, first_id + n, dtype=np.int64),
+        "title": [f"new {i}" for i in range(n)],
+        "embedding": pa.array([list(map(float, row)) for row in catalog.embeddings], pa.list_(pa.float32())),
+    })  # fmt: skip
+
+
+def test_ingest_keeps_published_sids_and_a_rerun_changes_nothing(tmp_path):
+    publisher = Publisher(f"{ROOT}/sids")
+    parent = publisher.latest()
+    batch = str(tmp_path / "batch.parquet")
+    pq.write_table(_new_items(10_000, 30, seed=11), batch)
+    config = load_job_config("ingest", None, _assign({"items": batch}))
+    done = run_ingest(config)
+    assert done.published and publisher.manifest(done.version).parent == parent
+    before, after = _sid_table(parent), _sid_table(done.version)
+    kept = after.filter(pc.is_in(after.column("item_id"), value_set=before.column("item_id")))
+    assert kept.column("sid").to_pylist() == before.column("sid").to_pylist()  # existing items never change
+    assert after.num_rows == before.num_rows + 30 and done.report["delta_rows"] == 30
+    assert len(load_catalog_view(publisher.version_url(done.version)).index) == after.num_rows
+
+    again = run_ingest(config)
+    assert not again.published and publisher.latest() == done.version and again.report["already_published"] == 30
+
+
+def test_two_concurrent_ingests_lose_nothing(tmp_path):
+    publisher = Publisher(f"{ROOT}/sids")
+    parent = publisher.latest()
+    batches = []
+    for k, first_id in enumerate((20_000, 30_000)):
+        path = str(tmp_path / f"batch-{k}.parquet")
+        pq.write_table(_new_items(first_id, 20, seed=20 + k), path)
+        batches.append(load_job_config("ingest", None, _assign({"items": path})))
+    results, errors = [None, None], []
+    start = threading.Barrier(2)
+
+    def ingest(k: int) -> None:
+        try:
+            start.wait()
+            results[k] = run_ingest(batches[k])
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=ingest, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    latest = _sid_table(publisher.latest())
+    ids = set(latest.column("item_id").to_pylist())
+    assert set(range(20_000, 20_020)) <= ids and set(range(30_000, 30_020)) <= ids
+    # One built on the other: the second published on top of the first, not of the old parent.
+    parents = {publisher.manifest(r.version).parent for r in results}
+    assert parent in parents and {r.version for r in results} & parents
+    before = _sid_table(parent)
+    kept = latest.filter(pc.is_in(latest.column("item_id"), value_set=before.column("item_id")))
+    assert kept.column("sid").to_pylist() == before.column("sid").to_pylist()
+
+
+def test_a_wrong_config_field_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="storage.rooot"):
+        load_job_config("recode", None, ["items=a", "interactions=b", "storage.rooot=s3://x/y"])
+    with pytest.raises(ValueError, match="tokenizer: .*rqvae.epochz"):
+        load_job_config("recode", None, ["items=a", "interactions=b", "tokenizer.rqvae.epochz=3"])
+
