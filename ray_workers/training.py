@@ -11,6 +11,7 @@ loads the model back from there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -221,19 +222,22 @@ def _report_once(metrics: dict[str, Any], checkpoint_name: str, save) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=checkpoint_name)
 
 
-def _replica_fingerprints(tensors: dict[str, torch.Tensor]) -> list[list[float]]:
-    """Every rank's fingerprint of its replica (per tensor: sum and sum of squares, in float64), gathered on all ranks."""
-    mine = torch.tensor(
-        [[float(t.double().sum()), float(t.double().square().sum())] for _, t in sorted(tensors.items())], dtype=torch.float64
-    ).reshape(1, -1)
-    return distributed.gather_rows(mine, 1).tolist()
+def _replica_fingerprints(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Every rank's sha256 of its replica's tensors, gathered on all ranks (Ray keeps rank 0's metrics only)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    mine = torch.tensor(list(digest.digest()), dtype=torch.uint8).reshape(1, -1)
+    return [bytes(row).hex() for row in distributed.gather_rows(mine, 1).tolist()]
 
 
-def _check_replicas(fingerprints: list[list[float]], name: str) -> None:
-    """Data-parallel training must end with identical replicas; a divergent one means a broken collective."""
-    reference = np.asarray(fingerprints[0])
+def _check_replicas(fingerprints: list[str], name: str) -> None:
+    """Data-parallel training must end with bit-identical replicas: every rank applies the same
+    averaged gradients, and the quantizer's codebooks come from rank 0. A divergent one means a
+    broken collective."""
     for rank, fingerprint in enumerate(fingerprints[1:], start=1):
-        if not np.allclose(fingerprint, reference, rtol=1e-5, atol=1e-6):
+        if fingerprint != fingerprints[0]:
             raise RuntimeError(f"{name}: rank {rank}'s replica differs from rank 0's after training")
 
 
