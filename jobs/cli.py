@@ -9,6 +9,7 @@ what it wrote where, with row counts. Exit codes: 0 done, 2 bad input or config,
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from jobs.config import JOB_CONFIGS, load_job_config
@@ -43,10 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Engine chatter that is not progress: py4j logs its connection retries with tracebacks at INFO, and
+# Ray Data logs every operator's state every few seconds (map_shards logs each finished shard).
+QUIET_LOGGERS = ("py4j", "ray.data")
+
+
 def _run_job(args: argparse.Namespace) -> int:
     from jobs.recode import ChurnLimitExceeded
     from sa2crq.retrieval.serving import VersionMismatchError
 
+    if args.log_level != "DEBUG":
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     assignments = list(args.assignments)
     if getattr(args, "reuse_tokenizer", None):
         assignments.append(f"reuse_tokenizer={args.reuse_tokenizer}")

@@ -127,7 +127,7 @@ def _ingest(config: IngestConfig, publisher: Publisher, parent: str, version: st
     summary.add("sid table", f"{url}/{layout.SID_TABLE}", full.num_rows)
     summary.add("delta", f"{url}/{layout.DELTA}", delta.num_rows)
     summary.add("embeddings", f"{url}/{layout.EMBEDDINGS}", full.num_rows)
-    summary.add("trie", f"{url}/{layout.TRIE}", trie.n_sids)
+    summary.add("trie", f"{url}/{layout.TRIE}", trie.n_sids, unit="SIDs")
     summary.add("rejected items", f"{url}/{layout.REJECTS}/items", items.counts["rejected"])
     summary.add("report", f"{url}/{layout.REPORT}")
     summary.notes.append(f"{n_already} items of the batch were already published in {parent} and left unchanged")

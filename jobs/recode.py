@@ -172,7 +172,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     summary.add("embeddings", f"{url}/{layout.EMBEDDINGS}", items.counts["rows_out"])
     summary.add("codes", f"{url}/{layout.CODES}", items.counts["rows_out"])
     summary.add("sid table", f"{url}/{layout.SID_TABLE}", table.num_rows)
-    summary.add("trie", f"{url}/{layout.TRIE}", trie.n_sids)
+    summary.add("trie", f"{url}/{layout.TRIE}", trie.n_sids, unit="SIDs")
     summary.add("tokenizer", f"{url}/{layout.TOKENIZER}")
     summary.add("report", f"{url}/{layout.REPORT}")
 

@@ -12,6 +12,7 @@ class Output:
     name: str
     location: str
     rows: int | None = None  # None for non-tabular outputs (checkpoints, reports)
+    unit: str = "rows"
 
 
 @dataclass
@@ -24,15 +25,15 @@ class JobSummary:
     notes: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, name: str, location: str, rows: int | None = None) -> None:
-        self.outputs.append(Output(name, location, rows))
+    def add(self, name: str, location: str, rows: int | None = None, unit: str = "rows") -> None:
+        self.outputs.append(Output(name, location, rows, unit))
 
     def format(self) -> str:
         state = f"published version {self.version}" if self.published else "published nothing" if self.publishes else "done"
         lines = [f"{self.job}: {state}"]
         width = max((len(o.name) for o in self.outputs), default=0)
         for o in self.outputs:
-            rows = f"  ({o.rows:,} rows)" if o.rows is not None else ""
+            rows = f"  ({o.rows:,} {o.unit})" if o.rows is not None else ""
             lines.append(f"  {o.name:<{width}}  {o.location}{rows}")
         lines.extend(f"  note: {note}" for note in self.notes)
         return "\n".join(lines)
