@@ -80,7 +80,7 @@ def generate_stage(
         if embedder is None:
             built, unknown = server.history_requests(requests)
         else:
-            built = server.query_requests(request_ids, embedder.embed(requests.column("query").to_pylist()))
+            built = server.query_requests(requests, embedder.embed)
             unknown = np.zeros(len(request_ids), dtype=np.int64)
         out = server.candidates(request_ids, built)
         n = out.num_rows

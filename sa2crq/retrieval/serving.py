@@ -75,6 +75,7 @@ class Server:
         History items the SID version does not know are left out of the encoder input; how many,
         per request, is returned so the job reports it.
         """
+        _require_values(table, ["request_id", "history"])
         history = table.column("history").combine_chunks()
         lengths = pc.list_value_length(history).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         ids = pc.list_flatten(history).to_numpy(zero_copy_only=False)
@@ -92,11 +93,15 @@ class Server:
         users = table.column("user_id" if "user_id" in table.column_names else "request_id").to_numpy(zero_copy_only=False)
         return Requests(np.asarray(users), window, np.full(len(lengths), -1, dtype=np.int64)), unknown
 
-    def query_requests(self, request_ids: np.ndarray, query_embeddings: np.ndarray) -> Requests:
+    def query_requests(self, table: pa.Table, embed) -> Requests:
+        """Requests from rows of ``request_id`` and ``query`` (text), embedded by ``embed(texts)``."""
+        _require_values(table, ["request_id", "query"])
         if self.generator.model.config.query_dim == 0:
             raise ValueError("this retriever was trained on histories only: it has no query input")
+        request_ids = table.column("request_id").to_numpy(zero_copy_only=False)
         n = len(request_ids)
-        return Requests(np.asarray(request_ids), np.zeros((n, 0), dtype=np.int64), np.full(n, -1, dtype=np.int64), query_embeddings)
+        queries = np.asarray(embed(table.column("query").to_pylist()), dtype=np.float32)
+        return Requests(np.asarray(request_ids), np.zeros((n, 0), dtype=np.int64), np.full(n, -1, dtype=np.int64), queries)
 
     def candidates(self, request_ids: np.ndarray, requests: Requests) -> pa.Table:
         """``request_id``, ``item_ids``, ``scores`` (best first; empty slots left out)."""
@@ -118,6 +123,17 @@ class Server:
         pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
         known = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
         return known, pos
+
+
+def _require_values(table: pa.Table, columns: list[str]) -> None:
+    """Requests are refused, naming rows, when a column is missing or holds nulls: a request
+    without an id or a body cannot be answered or matched back."""
+    for column in columns:
+        if column not in table.column_names:
+            raise ValueError(f"requests: missing column {column!r} (columns present: {', '.join(table.column_names)})")
+        nulls = np.flatnonzero(table.column(column).is_null().to_numpy(zero_copy_only=False))
+        if len(nulls):
+            raise ValueError(f"requests: {len(nulls)} rows have a null {column!r} (rule: not null), e.g. rows {nulls[:10].tolist()}")
 
 
 def load_server(sid_version_url: str, sid_version: str, retriever_url: str, generation: GenerationConfig, *, device: str | None = None) -> Server:

@@ -1,0 +1,86 @@
+"""Serving a retriever over a SID version directory: version check, request building, candidate rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from sa2crq.config import SegmentConfig, SIDConfig
+from sa2crq.data.segments import assign_segments
+from sa2crq.ids.sid_table import assign_sids
+from sa2crq.ids.trie import SIDTrie
+from sa2crq.retrieval.candidates import GenerationConfig
+from sa2crq.retrieval.checkpoint import save_retriever
+from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
+from sa2crq.retrieval.serving import VersionMismatchError, load_server
+from sa2crq.storage import layout
+from sa2crq.storage.filesystem import write_parquet
+
+N, LEVELS, K = 60, 3, 4
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory):
+    """A SID version directory as recode writes it (rows shuffled: serving must sort by item id) and a retriever."""
+    root = tmp_path_factory.mktemp("serving")
+    rng = np.random.default_rng(0)
+    item_ids = rng.permutation(np.arange(100, 100 + N)).astype(np.int64)
+    popularity = rng.integers(0, 20, N)
+    segments = assign_segments(item_ids, popularity, SegmentConfig())
+    table = assign_sids(item_ids, rng.integers(0, K, (N, LEVELS)), popularity, segments, (K,) * LEVELS, SIDConfig(max_bucket=4))
+    sid_version = str(root / "sids")
+    write_parquet(table.to_arrow(), f"{sid_version}/{layout.SID_TABLE}/part-0.parquet")
+    vectors = rng.normal(size=(N, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    embeddings = pa.table({"item_id": item_ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 8)})
+    write_parquet(embeddings.take(rng.permutation(N)), f"{sid_version}/{layout.EMBEDDINGS}/part-0.parquet")
+    order = np.argsort(item_ids)
+    SIDTrie.build(table.tokens[order], table.sid_len[order] + 1, table.vocab.size).save(f"{sid_version}/{layout.TRIE}")
+    torch_model = GenerativeRetriever(RetrieverConfig(
+        vocab_size=table.vocab.size, encoder_vocab_size=table.vocab.size + 10, d_model=16, num_heads=2, head_dim=8,
+        d_ff=32, encoder_layers=1, decoder_layers=1,
+    ))  # fmt: skip
+    retriever = str(root / "retriever")
+    save_retriever(retriever, torch_model, sid_version="v1", meta={"train_config": {"user_buckets": 10, "max_history": 3}})
+    return sid_version, retriever
+
+
+def test_a_retriever_is_refused_on_another_sid_version(version):
+    sid_version, retriever = version
+    with pytest.raises(VersionMismatchError, match="trained on SID version v1, not v2"):
+        load_server(sid_version, "v2", retriever, GenerationConfig(), device="cpu")
+
+
+def test_history_requests_keep_the_last_known_items_oldest_first_and_count_unknown_ones(version):
+    sid_version, retriever = version
+    server = load_server(sid_version, "v1", retriever, GenerationConfig(beam_width=4, k=5), device="cpu")
+    requests = pa.table({
+        "request_id": pa.array([7, 8, 9], pa.int64()),
+        "history": pa.array([[100, 101, 999, 102, 103], [104], []], pa.list_(pa.int64())),
+    })  # fmt: skip
+    built, unknown = server.history_requests(requests)
+    rows = server.catalog.index.lookup(np.array([101, 102, 103, 104]))
+    np.testing.assert_array_equal(built.history[0], rows[:3])  # the last 3 known items, oldest first
+    np.testing.assert_array_equal(built.history[1], [-1, -1, rows[3]])
+    np.testing.assert_array_equal(built.history[2], [-1, -1, -1])
+    np.testing.assert_array_equal(unknown, [1, 0, 0])
+
+    out = server.candidates(requests.column("request_id").to_numpy(), built)
+    assert out.column("request_id").to_pylist() == [7, 8, 9]
+    for ids, scores, history in zip(out.column("item_ids").to_pylist(), out.column("scores").to_pylist(), [[100, 101, 102, 103], [104], []]):
+        assert 1 <= len(ids) <= 5 and len(ids) == len(set(ids)) == len(scores)
+        assert set(ids) <= set(range(100, 100 + N)) and not set(ids) & set(history[-3:])
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_requests_with_a_null_id_or_history_are_refused_naming_the_rows(version):
+    sid_version, retriever = version
+    server = load_server(sid_version, "v1", retriever, GenerationConfig(), device="cpu")
+    bad = pa.table({"request_id": pa.array([1, None, 3], pa.int64()), "history": pa.array([[100], [101], None], pa.list_(pa.int64()))})
+    with pytest.raises(ValueError, match=r"1 rows have a null 'request_id' \(rule: not null\), e.g. rows \[1\]"):
+        server.history_requests(bad)
+    with pytest.raises(ValueError, match="missing column 'history'"):
+        server.history_requests(pa.table({"request_id": [1]}))
+    with pytest.raises(ValueError, match="trained on histories only"):
+        server.query_requests(pa.table({"request_id": [1], "query": ["red lipstick"]}), lambda texts: np.zeros((len(texts), 4)))
