@@ -162,9 +162,14 @@ class RetrieverShape:
 class TrainRetrieverConfig:
     """``sa2crq train-retriever``: train on a published SID version, publish the retriever."""
 
-    interactions: str = ""  # training interactions
-    valid: str = ""  # validation targets (one per user), for early stopping
+    # "history": ``interactions`` are training interactions and ``valid`` one validation target per
+    # user. "query": both are query logs (``query_id``, ``query``, ``item_id``); the query text is
+    # embedded with all-MiniLM-L6-v2, as ``generate`` embeds query requests.
+    request_kind: str = "history"
+    interactions: str = ""
+    valid: str = ""  # for early stopping
     sid_version: str | None = None  # None: the latest
+    embedding_cache: str | None = ".cache/embeddings"
     model: RetrieverShape = field(default_factory=RetrieverShape)
     train: RetrieverTrainConfig = field(default_factory=RetrieverTrainConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -172,7 +177,8 @@ class TrainRetrieverConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.interactions) and bool(self.valid), "train-retriever needs interactions and valid (parquet paths)")
-        _absolute_paths(self, "interactions", "valid")
+        _require(self.request_kind in ("history", "query"), "request_kind must be history or query")
+        _absolute_paths(self, "interactions", "valid", "embedding_cache")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,13 @@ def run_generate(config: GenerateConfig) -> JobSummary:
         retrievers, sids = Publisher(storage.retrievers), Publisher(storage.sids)
         retriever_version = resolve_version(retrievers, config.retriever_version, "retriever", hint="run `sa2crq train-retriever` first")
         sid_version = resolve_version(sids, config.sid_version, "SID", hint="run `sa2crq recode` first")
-        trained_on = retrievers.manifest(retriever_version).meta["sid_version"]
+        trained = retrievers.manifest(retriever_version).meta
+        trained_on = trained["sid_version"]
+        if trained.get("request_kind", "history") != config.request_kind:
+            raise ValueError(
+                f"retriever {retriever_version} answers {trained.get('request_kind', 'history')} requests, not "
+                f"{config.request_kind}: train one with request_kind={config.request_kind} or pick another retriever_version"
+            )
         if trained_on != sid_version:
             raise VersionMismatchError(
                 f"retriever {retriever_version} was trained on SID version {trained_on}, but SID version {sid_version} "

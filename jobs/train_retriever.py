@@ -15,6 +15,7 @@ from jobs.engines import ray_runtime
 from jobs.object_store import object_store
 from jobs.publishing import publish_on_latest, resolve_version, write_json
 from jobs.summary import JobSummary
+from sa2crq.data.embed import EMBEDDING_DIM
 from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.retrieval.checkpoint import save_retriever
 from sa2crq.retrieval.model import RetrieverConfig
@@ -33,8 +34,9 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         sid_version = resolve_version(sids, config.sid_version, "SID", hint="run `sa2crq recode` first")
         vocab = SIDVocabulary.from_dict(sids.manifest(sid_version).meta["vocab"])
         model_config = RetrieverConfig(
-            vocab_size=vocab.size, encoder_vocab_size=vocab.size + config.train.user_buckets, **dataclasses.asdict(config.model)
-        )
+            vocab_size=vocab.size, encoder_vocab_size=vocab.size + config.train.user_buckets,
+            query_dim=EMBEDDING_DIM if config.request_kind == "query" else 0, **dataclasses.asdict(config.model),
+        )  # fmt: skip
         retrievers = Publisher(storage.retrievers)
         version = retrievers.new_version()
         url = retrievers.version_url(version)
@@ -46,13 +48,14 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
             )  # fmt: skip
             model, history = fit_retriever(
                 f"{sids.version_url(sid_version)}/{layout.SID_TABLE}", config.interactions, config.valid,
-                model_config, config.train, run, sid_version=sid_version,
+                model_config, config.train, run, sid_version=sid_version, query_cache_dir=config.embedding_cache,
             )  # fmt: skip
-            meta = {"train_config": config.train.to_dict(), "history": history, "parameters": model.num_parameters()}
+            meta = {"train_config": config.train.to_dict(), "request_kind": config.request_kind, "history": history,
+                    "parameters": model.num_parameters()}  # fmt: skip
             save_retriever(f"{url}/{layout.RETRIEVER}", model, sid_version=sid_version, meta=meta)
             report = {"sid_version": sid_version, "parameters": model.num_parameters(), "history": history, "config": config_dict(config)}
             write_json(f"{url}/{layout.TRAIN_REPORT}", report)
-            publish_on_latest(retrievers, version, meta={"job": "train-retriever", "sid_version": sid_version})
+            publish_on_latest(retrievers, version, meta={"job": "train-retriever", "sid_version": sid_version, "request_kind": config.request_kind})
         except BaseException:
             retrievers.discard(version)
             raise

@@ -32,7 +32,8 @@ from sa2crq.config import TokenizerConfig
 from sa2crq.data.segments import SEGMENT_NAMES
 from sa2crq.quantize.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from sa2crq.retrieval.checkpoint import load_retriever, save_retriever
-from sa2crq.retrieval.data import history_training_data
+from sa2crq.data.embed import TextEmbedder
+from sa2crq.retrieval.data import history_training_data, query_training_data
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
 from sa2crq.retrieval.training import RetrieverTrainConfig, train_retriever
 from sa2crq.storage.filesystem import read_parquet, resolve_filesystem
@@ -136,13 +137,17 @@ def fit_retriever(
     run: TrainRun,
     *,
     sid_version: str,
+    query_cache_dir: str | None = None,
 ) -> tuple[GenerativeRetriever, dict]:
-    """Train the retriever on user histories, data-parallel; returns the best model and the training history.
+    """Train the retriever, data-parallel; returns the best model and the training history.
 
-    Every worker reads the SID table whole (it maps items to tokens) and both interaction sets,
-    builds the requests as the benchmark does, and trains on every ``world``-th training request
-    (validation likewise; the library pools validation loss over ranks). The checkpoint records
-    ``sid_version``, the train config and the history.
+    A model with ``query_dim`` 0 trains on user histories (the inputs are interactions); one with a
+    query input trains on query logs (``query_id``, ``query``, ``item_id``), each worker embedding
+    the query text with MiniLM (cached under ``query_cache_dir``). Every worker reads the SID table
+    whole (it maps items to tokens) and both inputs, builds the requests as the benchmark does, and
+    trains on every ``world``-th training request (validation likewise; the library pools
+    validation loss over ranks). The checkpoint records ``sid_version``, the train config and the
+    history.
     """
     user_tokens_end = model_config.vocab_size + train_config.user_buckets
     if model_config.encoder_vocab_size < user_tokens_end:
@@ -152,7 +157,8 @@ def fit_retriever(
             f"set it to vocab_size + user_buckets = {user_tokens_end}"
         )
     urls = {"sid_table": sid_table_url, "train": train_interactions_url, "valid": valid_interactions_url}
-    args = {"urls": urls, "model_config": model_config, "train_config": train_config, "sid_version": sid_version}
+    args = {"urls": urls, "model_config": model_config, "train_config": train_config, "sid_version": sid_version,
+            "query_cache_dir": query_cache_dir}  # fmt: skip
     result = _trainer(_fit_retriever_per_worker, args, run, {}).fit()
     _check_replicas(result.metrics[REPLICA_FINGERPRINTS], run.name)
     with result.checkpoint.as_directory() as directory:
@@ -164,7 +170,11 @@ def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
     model_config: RetrieverConfig = args["model_config"]
     train_config: RetrieverTrainConfig = args["train_config"]
     tables = {name: read_parquet(url) for name, url in args["urls"].items()}
-    data = history_training_data(tables["sid_table"], tables["train"], tables["valid"], train_config.max_history)
+    if model_config.query_dim:
+        embed = TextEmbedder(args["query_cache_dir"]).embed
+        data = query_training_data(tables["sid_table"], tables["train"], tables["valid"], embed)
+    else:
+        data = history_training_data(tables["sid_table"], tables["train"], tables["valid"], train_config.max_history)
     sid_vocab = int(data.sid_tokens.max()) + 1
     if sid_vocab > model_config.vocab_size:
         raise ValueError(

@@ -155,17 +155,17 @@ def sid_token_matrix(sid: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class HistoryTrainingData:
-    """What retriever training on user histories needs, in the benchmark's layout."""
+class TrainingData:
+    """What retriever training needs, in the benchmark's layout: history or query requests."""
 
     sid_tokens: np.ndarray  # (N, T) token rows, row i = item i of the SID table
-    train: Requests  # every position of every training sequence
-    valid: Requests  # one per validation row; history = the user's training sequence
-    # Interaction rows left out because their item is not in the SID table, per input.
+    train: Requests  # histories: every position of every training sequence; queries: one per query row
+    valid: Requests  # one per validation row (histories: the user's training sequence before it)
+    # Rows left out because their item is not in the SID table, per input.
     off_catalog: dict[str, int]
 
 
-def history_training_data(sid_table: pa.Table, train: pa.Table, valid: pa.Table, max_history: int) -> HistoryTrainingData:
+def history_training_data(sid_table: pa.Table, train: pa.Table, valid: pa.Table, max_history: int) -> TrainingData:
     """From a SID table (``item_id``, ``sid``) and training / validation interactions (``user_id``,
     ``item_id``, ``timestamp``). Interactions are sorted by (user, timestamp) here: parquet written by
     several writers need not keep the split's order. Interactions with items the SID table lacks
@@ -174,12 +174,26 @@ def history_training_data(sid_table: pa.Table, train: pa.Table, valid: pa.Table,
     train, train_off = on_catalog(train, sid_table.column("item_id"))
     valid, valid_off = on_catalog(valid, sid_table.column("item_id"))
     train_seq = Sequences.from_interactions(train.sort_by(BY_USER_TIME), index)
-    return HistoryTrainingData(
+    return TrainingData(
         sid_token_matrix(sid_table.column("sid")),
         training_requests(train_seq, max_history),
         evaluation_requests(train_seq, valid, index, max_history),
         {"train": train_off, "valid": valid_off},
     )
+
+
+def query_training_data(sid_table: pa.Table, train: pa.Table, valid: pa.Table, embed) -> TrainingData:
+    """From a SID table and training / validation query logs (``query_id``, ``query``, ``item_id``):
+    one request per row, its query text embedded by ``embed(texts) -> (n, D)``. Rows whose item
+    the SID table lacks are left out and counted."""
+    index = ItemIndex(sid_table.column("item_id").to_numpy(zero_copy_only=False))
+    train, train_off = on_catalog(train, sid_table.column("item_id"))
+    valid, valid_off = on_catalog(valid, sid_table.column("item_id"))
+
+    def requests(log: pa.Table) -> Requests:
+        return query_requests(log, embed(log.column("query").to_pylist()), index)
+
+    return TrainingData(sid_token_matrix(sid_table.column("sid")), requests(train), requests(valid), {"train": train_off, "valid": valid_off})
 
 
 BY_USER_TIME = [("user_id", "ascending"), ("timestamp", "ascending")]

@@ -101,6 +101,13 @@ class Server:
         request_ids = table.column("request_id").to_numpy(zero_copy_only=False)
         n = len(request_ids)
         queries = np.asarray(embed(table.column("query").to_pylist()), dtype=np.float32)
+        item_dim = self.catalog.embeddings.shape[1]
+        if queries.shape[1] != item_dim:
+            # The item scorer compares the query with item embeddings: they must share one space.
+            raise ValueError(
+                f"query embeddings have {queries.shape[1]} dimensions but this SID version's item embeddings "
+                f"{item_dim}: query requests need items embedded from text by the same model"
+            )
         return Requests(np.asarray(request_ids), np.zeros((n, 0), dtype=np.int64), np.full(n, -1, dtype=np.int64), queries)
 
     def candidates(self, request_ids: np.ndarray, requests: Requests) -> pa.Table:

@@ -30,6 +30,7 @@ from jobs.recode import ChurnLimitExceeded, run_recode
 from jobs.train_retriever import run_train_retriever
 from sa2crq.data.segments import segment_codes
 from sa2crq.data.splits import history_requests
+from sa2crq.retrieval.data import synthetic_queries
 from sa2crq.ids.sid_table import assign_sids
 from sa2crq.retrieval.serving import VersionMismatchError, load_catalog_view
 from sa2crq.storage import layout
@@ -301,3 +302,45 @@ def test_a_wrong_config_field_is_an_error_naming_it():
     with pytest.raises(ValueError, match="tokenizer: .*rqvae.epochz"):
         load_job_config("recode", None, ["items=a", "interactions=b", "tokenizer.rqvae.epochz=3"])
 
+
+
+def test_query_retriever_trains_on_a_query_log_and_generates_for_queries(data, tmp_path):
+    """Mechanics only: the query log is SYNTHETIC (derived from item text), so no quality is claimed.
+
+    Its own catalog of text-only items: the item scorer compares query and item embeddings, so the
+    items are embedded from their text by the same model as the queries (MiniLM, offline)."""
+    root = "s3://jobs-e2e/text-catalog"
+    rng = np.random.default_rng(5)
+    colours, kinds = ["red", "blue", "green", "black", "pink"], ["lipstick", "shampoo", "nail polish", "perfume"]
+    names = [f"{colours[i % 5]} {kinds[i % 4]} no. {i}" for i in range(N_ITEMS)]
+    items = pa.table({"item_id": np.arange(N_ITEMS, dtype=np.int64), "title": names})
+    users = np.repeat(np.arange(150), 8)
+    popular = rng.zipf(1.5, len(users)) % N_ITEMS  # heavy-tailed, like real traffic
+    interactions = pa.table({"user_id": users, "item_id": popular.astype(np.int64), "timestamp": np.tile(np.arange(8), 150)})
+    paths = {name: str(tmp_path / f"{name}.parquet") for name in ("items", "interactions", "train", "valid", "requests")}
+    pq.write_table(items, paths["items"])
+    pq.write_table(interactions, paths["interactions"])
+    cache = {"embedding_cache": str(tmp_path / "cache"), "storage.root": root}
+    run_recode(_recode({"items": paths["items"], "train": paths["interactions"]}, **cache))
+
+    log = synthetic_queries(items, seed=0, words=2)
+    pq.write_table(log, paths["train"])
+    pq.write_table(log.slice(0, 20), paths["valid"])
+    pq.write_table(pa.table({"request_id": log.column("query_id").slice(0, 30), "query": log.column("query").slice(0, 30)}),
+                   paths["requests"], row_group_size=15)  # fmt: skip
+    trained = run_train_retriever(load_job_config("train-retriever", None, _assign({
+        "request_kind": "query", "interactions": paths["train"], "valid": paths["valid"], **cache,
+        "model": {"d_model": 16, "num_heads": 2, "head_dim": 8, "d_ff": 32, "encoder_layers": 1, "decoder_layers": 1},
+        "train": {"epochs": 1, "batch_size": 32, "warmup_steps": 2},
+    })))  # fmt: skip
+    assert trained.published
+    out = f"{root}/candidates/queries"
+    done = run_generate(load_job_config("generate", None, _assign({
+        "requests": paths["requests"], "request_kind": "query", "out": out, **cache, "generation": {"beam_width": 5, "k": 5},
+    })))  # fmt: skip
+    candidates = read_parquet(f"{out}/{PARTS}")
+    assert done.report["shards"] == 2 and candidates.num_rows == 30
+    assert (pc.list_value_length(candidates.column("item_ids")).to_numpy() >= 1).all()
+    # A history request set cannot be served by a query retriever.
+    with pytest.raises(ValueError, match="answers query requests, not history"):
+        run_generate(load_job_config("generate", None, _assign({"requests": data["requests"], "out": f"{root}/candidates/mixed", **cache})))
