@@ -95,6 +95,11 @@ class RayConfig:
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.0
 
+    @property
+    def actor_pool(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`ray_workers.shards.map_shards` that size its actor pool."""
+        return {"actors": self.actors, "cpus_per_actor": self.cpus_per_actor, "gpus_per_actor": self.gpus_per_actor}
+
     def __post_init__(self) -> None:
         _require(self.train_workers >= 1 and self.actors >= 1, "ray.train_workers and ray.actors must be >= 1")
         _require(self.cpus_per_train_worker > 0 and self.cpus_per_actor > 0, "ray CPU shares must be positive")

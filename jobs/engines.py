@@ -6,6 +6,7 @@ cluster, and every hand-off between engines is parquet on storage, never driver 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -81,34 +82,34 @@ class SparkStaging:
     def __init__(self, config: SparkConfig) -> None:
         self.direct = config.direct_object_store
         self.local_root = Path(config.staging_dir) / uuid.uuid4().hex
-        self._copies: list[Path] = []
+        self._local_dirs = itertools.count()
 
     def read(self, spark: "SparkSession", url: str) -> "DataFrame":
         return spark.read.parquet(self._readable(url))
 
-    def write(self, frame: "DataFrame", url: str, *, partition_by: str | None = None) -> None:
-        if self.direct or "://" not in url or url.startswith("file://"):
-            target = _spark_url(url)
-            (frame.write.partitionBy(partition_by) if partition_by else frame.write).mode("overwrite").parquet(target)
+    def write(self, frame: "DataFrame", url: str) -> None:
+        if self._spark_reaches(url):
+            frame.write.mode("overwrite").parquet(_spark_url(url))
             return
         local = self._local_dir()
-        (frame.write.partitionBy(partition_by) if partition_by else frame.write).mode("overwrite").parquet(str(local))
+        frame.write.mode("overwrite").parquet(str(local))
         copy_tree(str(local), url)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.local_root, ignore_errors=True)
 
     def _readable(self, url: str) -> str:
-        if self.direct or "://" not in url or url.startswith("file://"):
+        if self._spark_reaches(url):
             return _spark_url(url)
         local = self._local_dir()
         copy_tree(url, str(local))
         return str(local)
 
+    def _spark_reaches(self, url: str) -> bool:
+        return self.direct or "://" not in url or url.startswith("file://")
+
     def _local_dir(self) -> Path:
-        path = self.local_root / f"{len(self._copies):03d}"
-        self._copies.append(path)
-        return path
+        return self.local_root / f"{next(self._local_dirs):03d}"
 
 
 def _spark_url(url: str) -> str:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def run_evaluate(config: EvaluateConfig) -> JobSummary:
     storage = config.storage
-    with object_store(storage.root, endpoint_url=storage.endpoint_url, local_server_dir=storage.local_server_dir):
+    with object_store(storage):
         retrievers, sids = Publisher(storage.retrievers), Publisher(storage.sids)
         retriever_version = resolve_version(retrievers, config.retriever_version, "retriever", hint="run `sa2crq train-retriever` first")
         sid_version = config.sid_version or retrievers.manifest(retriever_version).meta["sid_version"]

@@ -35,7 +35,7 @@ def run_generate(config: GenerateConfig) -> JobSummary:
     from ray_workers.stages import generate_stage
 
     storage = config.storage
-    with object_store(storage.root, endpoint_url=storage.endpoint_url, local_server_dir=storage.local_server_dir), ray_runtime(config.ray):
+    with object_store(storage), ray_runtime(config.ray):
         retrievers, sids = Publisher(storage.retrievers), Publisher(storage.sids)
         retriever_version = resolve_version(retrievers, config.retriever_version, "retriever", hint="run `sa2crq train-retriever` first")
         sid_version = resolve_version(sids, config.sid_version, "SID", hint="run `sa2crq recode` first")
@@ -63,8 +63,7 @@ def run_generate(config: GenerateConfig) -> JobSummary:
                 "retriever_version": retriever_version, "generation": config.generation.to_dict(),
                 "request_kind": config.request_kind, "cache_dir": config.embedding_cache,
             },
-            actors=config.ray.actors, cpus_per_actor=config.ray.cpus_per_actor, gpus_per_actor=config.ray.gpus_per_actor,
-            desc="generate",
+            desc="generate", **config.ray.actor_pool,
         )  # fmt: skip
         if result.rows_in != result.rows_out:
             raise RuntimeError(f"generate: {result.rows_in} requests in but {result.rows_out} candidate rows out")

@@ -26,12 +26,12 @@ from jobs.engines import copy_tree, ray_runtime, remove_tree
 from jobs.object_store import object_store
 from jobs.publishing import resolve_version, write_json
 from jobs.summary import JobSummary
+from sa2crq.data.columns import list_matrix
 from sa2crq.data.segments import COLD, SEGMENT_NAMES, segment_codes
 from sa2crq.data.validation import validate_items, write_rejects
+from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.ids.stability import PublishedSIDs, stable_assign_sids
-from sa2crq.ids.trie import SIDTrie
-from sa2crq.quantize.tokenizer import load_tokenizer
-from sa2crq.retrieval.data import sid_token_matrix
+from sa2crq.retrieval.serving import build_serving_trie
 from sa2crq.storage import layout
 from sa2crq.storage.filesystem import read_parquet, write_parquet
 from sa2crq.storage.publish import ConcurrentPublishError, Publisher
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def run_ingest(config: IngestConfig, *, attempts: int = 5) -> JobSummary:
     storage = config.storage
-    with object_store(storage.root, endpoint_url=storage.endpoint_url, local_server_dir=storage.local_server_dir), ray_runtime(config.ray):
+    with object_store(storage), ray_runtime(config.ray):
         publisher = Publisher(storage.sids)
         for attempt in range(1, attempts + 1):
             parent = resolve_version(publisher, None, "SID", hint="ingest adds to a published catalog: run `sa2crq recode` first")
@@ -84,7 +84,7 @@ def _ingest(config: IngestConfig, publisher: Publisher, parent: str, version: st
     )
     # Named by version: the embedding file it becomes sits beside the parent's in the new version.
     write_parquet(work_items, f"{work}/items/{version}.parquet")
-    pool = {"actors": config.ray.actors, "cpus_per_actor": config.ray.cpus_per_actor, "gpus_per_actor": config.ray.gpus_per_actor}
+    pool = config.ray.actor_pool
     copy_tree(f"{parent_url}/{layout.TOKENIZER}", f"{url}/{layout.TOKENIZER}")
     map_shards(f"{work}/items", f"{url}/{layout.EMBEDDINGS}", embed_stage, {"cache_dir": config.embedding_cache}, desc="embed", **pool)
     map_shards(f"{url}/{layout.EMBEDDINGS}", f"{work}/codes", encode_stage, {"tokenizer_url": f"{url}/{layout.TOKENIZER}"}, desc="encode", **pool)
@@ -93,16 +93,17 @@ def _ingest(config: IngestConfig, publisher: Publisher, parent: str, version: st
     # SIDs: published items pinned, new ones placed against their occupancy.
     codes = read_parquet(f"{work}/codes")
     previous = PublishedSIDs.from_arrow(published)
-    tokenizer = load_tokenizer(f"{url}/{layout.TOKENIZER}")
-    new_codes = codes.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(codes.num_rows, -1)
-    sid_config = _sid_config(publisher, parent)
+    new_codes = list_matrix(codes.column("codes"))
+    parent_meta = publisher.manifest(parent).meta
+    # New items follow the SID rules the published version was built with.
+    sid_config = build_config(SIDConfig, parent_meta["sid_config"])
     table, stats = stable_assign_sids(
         previous,
         np.concatenate([previous.item_ids, codes.column("item_id").to_numpy(zero_copy_only=False)]),
         np.concatenate([previous.codes, new_codes]),
         np.concatenate([previous.popularity, np.zeros(codes.num_rows, dtype=np.int64)]),
         np.concatenate([segment_codes(published.column("segment")), np.full(codes.num_rows, COLD, dtype=np.int8)]),
-        tokenizer.codebook_sizes(),
+        SIDVocabulary.from_dict(parent_meta["vocab"]).codebook_sizes,
         sid_config,
         pin_all_previous=True,
     )
@@ -110,9 +111,7 @@ def _ingest(config: IngestConfig, publisher: Publisher, parent: str, version: st
     delta = full.filter(pc.is_in(full.column("item_id"), value_set=codes.column("item_id").combine_chunks()))
     write_parquet(full, f"{url}/{layout.SID_TABLE}/part-00000.parquet")
     write_parquet(delta, f"{url}/{layout.DELTA}/part-00000.parquet")
-    ordered = full.sort_by("item_id")
-    sid = ordered.column("sid").combine_chunks()
-    trie = SIDTrie.build(sid_token_matrix(sid), pc.list_value_length(sid).to_numpy(), table.vocab.size)
+    trie = build_serving_trie(full, table.vocab.size)
     trie.save(f"{url}/{layout.TRIE}")
     write_rejects(items, f"{url}/{layout.REJECTS}/items/part-00000.parquet")
     remove_tree(work)
@@ -120,8 +119,8 @@ def _ingest(config: IngestConfig, publisher: Publisher, parent: str, version: st
     report |= {"pinned": stats.pinned, "placed": stats.placed, "delta_rows": delta.num_rows,
                "delta_from_buckets": int((delta.column("bucket_size").to_numpy() > 1).sum())}  # fmt: skip
     write_json(f"{url}/{layout.REPORT}", report)
-    meta = publisher.manifest(parent).meta
-    publisher.publish(version, parent=parent, meta={"job": "ingest", "items": full.num_rows, "vocab": meta["vocab"], "sid_config": meta["sid_config"]})
+    publisher.publish(version, parent=parent, meta={"job": "ingest", "items": full.num_rows, "vocab": parent_meta["vocab"],
+                                                    "sid_config": parent_meta["sid_config"]})  # fmt: skip
     summary.published = True
     summary.report = report
     summary.add("sid table", f"{url}/{layout.SID_TABLE}", full.num_rows)
@@ -132,8 +131,3 @@ def _ingest(config: IngestConfig, publisher: Publisher, parent: str, version: st
     summary.add("report", f"{url}/{layout.REPORT}")
     summary.notes.append(f"{n_already} items of the batch were already published in {parent} and left unchanged")
     return summary
-
-
-def _sid_config(publisher: Publisher, version: str) -> SIDConfig:
-    """The SID rules the published version was built with: new items follow the same ones."""
-    return build_config(SIDConfig, publisher.manifest(version).meta["sid_config"])

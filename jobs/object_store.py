@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from jobs.config import StorageConfig
 from sa2crq.storage.filesystem import fsspec_filesystem
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,9 @@ def ensure_bucket(root: str, *, timeout_s: float = 30.0) -> None:
 
 
 @contextmanager
-def object_store(root: str, *, endpoint_url: str | None, local_server_dir: str | Path) -> Iterator[str | None]:
-    """Make ``root`` reachable for the duration of a job; yields the endpoint in use (None for local paths)."""
+def object_store(storage: StorageConfig) -> Iterator[str | None]:
+    """Make ``storage.root`` reachable for the duration of a job; yields the endpoint in use (None for local paths)."""
+    root, endpoint_url, local_server_dir = storage.root, storage.endpoint_url, storage.local_server_dir
     if not root.startswith("s3://"):
         yield None
         return

@@ -18,20 +18,18 @@ import logging
 import time
 from typing import Any
 
-import pyarrow.compute as pc
 
 from jobs.config import RecodeConfig, config_dict
 from jobs.engines import SparkStaging, copy_tree, ray_runtime, remove_tree, spark_session
 from jobs.object_store import object_store
 from jobs.publishing import write_json
 from jobs.summary import JobSummary
+from sa2crq.data.columns import list_matrix
 from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.ids.stability import PublishedSIDs, sid_churn, stable_assign_sids
-from sa2crq.ids.trie import SIDTrie
 from sa2crq.data.segments import SEGMENT_NAMES, segment_codes
 from sa2crq.quantize.tokenizer import Tokenizer, load_tokenizer
-from sa2crq.retrieval.data import sid_token_matrix
-from sa2crq.retrieval.serving import sorted_sid_table
+from sa2crq.retrieval.serving import build_serving_trie
 from sa2crq.storage import layout
 from sa2crq.storage.filesystem import read_parquet, write_parquet
 from sa2crq.storage.publish import Publisher
@@ -45,7 +43,7 @@ class ChurnLimitExceeded(RuntimeError):
 
 def run_recode(config: RecodeConfig, *, force: bool = False) -> JobSummary:
     with (
-        object_store(config.storage.root, endpoint_url=config.storage.endpoint_url, local_server_dir=config.storage.local_server_dir),
+        object_store(config.storage),
         spark_session(config.spark, "recode") as spark,
         ray_runtime(config.ray),
     ):
@@ -108,7 +106,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     lap("catalog split")
 
     # 3. Embed (Ray Data actor pool).
-    pool = {"actors": config.ray.actors, "cpus_per_actor": config.ray.cpus_per_actor, "gpus_per_actor": config.ray.gpus_per_actor}
+    pool = config.ray.actor_pool
     embedded = map_shards(f"{work}/items", f"{url}/{layout.EMBEDDINGS}", embed_stage, {"cache_dir": config.embedding_cache}, desc="embed", **pool)
     _check_rows("embed", embedded.rows_in, embedded.rows_out, items.counts["rows_out"])
     lap("embed")
@@ -136,10 +134,9 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
         staging.write(sid_table(finalised, vocab).select(*layout.SID_TABLE_COLUMNS), f"{url}/{layout.SID_TABLE}")
     lap("sids")
 
-    # 7. Trie, rows in item-id order (the serving order).
-    table = sorted_sid_table(url, ["item_id", "sid"])
-    sid = table.column("sid").combine_chunks()
-    trie = SIDTrie.build(sid_token_matrix(sid), pc.list_value_length(sid).to_numpy(), vocab.size)
+    # 7. Trie.
+    table = read_parquet(f"{url}/{layout.SID_TABLE}", columns=["item_id", "sid"])
+    trie = build_serving_trie(table, vocab.size)
     trie.save(f"{url}/{layout.TRIE}")
     lap("trie")
 
@@ -209,11 +206,10 @@ def _stable_sids(config: RecodeConfig, parent_url: str, url: str, tokenizer: Tok
     """SIDs that keep the parent's wherever the stability rule allows (DESIGN §3.3a)."""
     codes = read_parquet(f"{url}/{layout.CODES}")
     previous = PublishedSIDs.from_arrow(read_parquet(f"{parent_url}/{layout.SID_TABLE}", columns=list(layout.SID_TABLE_COLUMNS)))
-    flat = codes.column("codes").combine_chunks()
     table, stats = stable_assign_sids(
         previous,
         codes.column("item_id").to_numpy(zero_copy_only=False),
-        flat.flatten().to_numpy(zero_copy_only=False).reshape(codes.num_rows, -1),
+        list_matrix(codes.column("codes")),
         codes.column("popularity").to_numpy(zero_copy_only=False),
         segment_codes(codes.column("segment")),
         tokenizer.codebook_sizes(),

@@ -29,7 +29,7 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
     from ray_workers.training import TrainRun, fit_retriever
 
     storage = config.storage
-    with object_store(storage.root, endpoint_url=storage.endpoint_url, local_server_dir=storage.local_server_dir), ray_runtime(config.ray):
+    with object_store(storage), ray_runtime(config.ray):
         sids = Publisher(storage.sids)
         sid_version = resolve_version(sids, config.sid_version, "SID", hint="run `sa2crq recode` first")
         vocab = SIDVocabulary.from_dict(sids.manifest(sid_version).meta["vocab"])

@@ -12,8 +12,8 @@ process (:func:`sa2crq.storage.filesystem.resolve_filesystem`), so nothing unpic
 S3 settings reach the actors through their environment: s3fs leaves the endpoint to botocore, which
 reads ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) and the usual credential variables. Ray's
 worker processes inherit the environment Ray started with on their node (for a local Ray, the
-driver's at ``ray.init``), not the driver's current one: settings made later go through
-``runtime_env={"env_vars": {...}}``. ``fsspec.config.conf`` is per process and never reaches an actor.
+driver's at ``ray.init``), not the driver's current one, so jobs set them before Ray starts
+(:mod:`jobs.object_store`). ``fsspec.config.conf`` is per process and never reaches an actor.
 """
 
 from __future__ import annotations
@@ -102,12 +102,10 @@ def map_shards(
     cpus_per_actor: float = 0.5,
     gpus_per_actor: float = 0.0,
     desc: str,
-    runtime_env: dict[str, Any] | None = None,
 ) -> ShardRunResult:
     """Apply ``factory(**factory_kwargs)`` to every pending shard of ``in_url``, writing under ``out_url``.
 
     ``factory`` must pickle by reference (a module-level function). Ray must already be running.
-    ``runtime_env``: Ray's, for the actors, merged into the job's (e.g. ``{"env_vars": {"AWS_ENDPOINT_URL": ...}}``).
     """
     if not ray.is_initialized():
         raise RuntimeError("map_shards needs a running Ray: call ray.init() (or connect to a cluster) first")
@@ -144,7 +142,6 @@ def map_shards(
             compute=ray.data.ActorPoolStrategy(size=min(actors, len(pending)), max_tasks_in_flight_per_actor=1),
             num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor,
-            runtime_env=runtime_env,
         )
         every = max(1, len(pending) // 10)
         for row in results.iter_rows():

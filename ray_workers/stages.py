@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from sa2crq.data.embed import TextEmbedder
+from sa2crq.data.columns import list_matrix
 from sa2crq.data.validation import DEFAULT_TEXT_COLUMNS
 from sa2crq.quantize.tokenizer import load_tokenizer
 from sa2crq.retrieval.candidates import GenerationConfig
@@ -50,7 +51,7 @@ def encode_stage(tokenizer_url: str) -> Callable[[pa.Table], pa.Table]:
         embeddings = items.column(EMBEDDING_COLUMN).combine_chunks()
         if embeddings.null_count:
             raise ValueError(f"{embeddings.null_count} items have no embedding: run the embedding stage first")
-        vectors = embeddings.flatten().to_numpy(zero_copy_only=False).reshape(items.num_rows, -1)
+        vectors = list_matrix(embeddings)
         codes = tokenizer.encode(vectors).astype(np.int32)  # K is far below 2**31
         return items.drop_columns([EMBEDDING_COLUMN]).append_column(CODES_COLUMN, _fixed_size_list(codes))
 

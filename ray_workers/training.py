@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.train
 import torch
@@ -29,7 +28,8 @@ from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from sa2crq import distributed
 from sa2crq.config import TokenizerConfig
-from sa2crq.data.segments import SEGMENT_NAMES
+from sa2crq.data.columns import list_matrix
+from sa2crq.data.segments import segment_codes
 from sa2crq.quantize.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from sa2crq.retrieval.checkpoint import load_retriever, save_retriever
 from sa2crq.data.embed import TextEmbedder
@@ -108,13 +108,8 @@ def _collect_catalog_shard(shard: ray.data.DataIterator, dim: int) -> tuple[np.n
     if not batches:
         return np.zeros((0, dim), dtype=np.float32), np.zeros(0, dtype=np.int8)
     table = pa.concat_tables(batches)
-    embeddings = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    codes = pc.index_in(table.column("segment"), value_set=pa.array(SEGMENT_NAMES))
-    if codes.null_count:
-        unknown = pc.unique(table.column("segment").filter(pc.is_null(codes))).to_pylist()
-        raise ValueError(f"unknown segments {unknown[:5]}: expected one of {SEGMENT_NAMES}")
-    segments = codes.to_numpy(zero_copy_only=False).astype(np.int8)
-    return embeddings.astype(np.float32, copy=False).reshape(-1, dim), segments
+    embeddings = list_matrix(table.column("embedding")).astype(np.float32, copy=False)
+    return embeddings, segment_codes(table.column("segment"))
 
 
 def _save_tokenizer(tokenizer: Tokenizer, directory: str) -> None:

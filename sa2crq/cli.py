@@ -1,4 +1,7 @@
-"""The ``sa2crq`` command line: one subcommand per job. Thin: parse, call the library, print."""
+"""The library's command line (tokenize, datasets, reports, benchmarks): parse, call the library, print.
+
+The ``sa2crq`` console script (:mod:`jobs.cli`) adds the distributed jobs to these commands.
+"""
 
 from __future__ import annotations
 

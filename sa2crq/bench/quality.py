@@ -29,6 +29,7 @@ import torch
 
 from sa2crq.bench import hardware
 from sa2crq.config import SegmentConfig, TokenizerConfig
+from sa2crq.data.columns import list_matrix
 from sa2crq.data.datasets import read_interactions, read_items
 from sa2crq.data.segments import COLD, TAIL, assign_segments
 from sa2crq.data.splits import Split, cold_start_split, leave_one_out, popularity
@@ -335,8 +336,7 @@ def _bootstrap(arrays: dict[str, list[np.ndarray]], reference: dict[str, list[np
 
 def _embeddings_of(items: pa.Table, index: ItemIndex) -> np.ndarray:
     """Embeddings in the SID table's row order (the dense index)."""
-    flat = items.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    emb = flat.reshape(items.num_rows, -1).astype(np.float32)
+    emb = list_matrix(items.column("embedding")).astype(np.float32)
     rows = ItemIndex(items.column("item_id").to_numpy()).lookup(index.item_ids)
     return emb[rows]
 

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from sa2crq.data.columns import list_matrix
 from sa2crq.data.text import item_text
 
 if TYPE_CHECKING:
@@ -165,8 +166,7 @@ class TextEmbedder:
         found = dataset.to_table(filter=pc.field("text_sha256").isin(keys))
         if found.num_rows == 0:
             return empty
-        vectors = found["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return found["text_sha256"].combine_chunks(), vectors.reshape(-1, EMBEDDING_DIM)
+        return found["text_sha256"].combine_chunks(), list_matrix(found["embedding"])
 
     def _store(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         if self.cache_path is None:

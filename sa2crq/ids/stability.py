@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sa2crq.config import SIDConfig
+from sa2crq.data.columns import list_matrix
 from sa2crq.ids.sid_table import (
     SIDTable,
     SIDVocabulary,
@@ -90,13 +91,9 @@ class PublishedSIDs:
     def from_arrow(cls, table: pa.Table) -> "PublishedSIDs":
         """From a published SID table (:meth:`SIDTable.to_arrow`, or the Spark job's, whose codes are
         variable-length lists)."""
-        codes = table.column("codes").combine_chunks()
-        lengths = np.unique(pc.list_value_length(codes).to_numpy(zero_copy_only=False))
-        if len(lengths) != 1:
-            raise ValueError(f"published codes must all have one length, got lengths {lengths.tolist()}")
         return cls(
             item_ids=table.column("item_id").to_numpy(),
-            codes=codes.flatten().to_numpy().reshape(len(codes), int(lengths[0])),
+            codes=list_matrix(table.column("codes")),
             code_depth=table.column("code_depth").to_numpy(),
             digit=table.column("digit").to_numpy(),
             popularity=table.column("popularity").to_numpy(),

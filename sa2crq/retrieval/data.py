@@ -40,15 +40,21 @@ class ItemIndex:
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dense index, known) of each id; the index of an unknown id is meaningless."""
+        ids = np.asarray(ids)
+        if len(self._sorted) == 0:
+            return np.zeros(ids.shape, dtype=np.int64), np.zeros(ids.shape, dtype=bool)
+        pos = np.clip(np.searchsorted(self._sorted, ids), 0, len(self._sorted) - 1)
+        return self._order[pos], self._sorted[pos] == ids
+
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Dense index of each id; an unknown id is an error naming it."""
-        ids = np.asarray(ids)
-        pos = np.clip(np.searchsorted(self._sorted, ids), 0, max(len(self._sorted) - 1, 0))
-        found = len(self._sorted) > 0 and self._sorted[pos] == ids
-        if not np.all(found):
-            missing = ids[~np.asarray(found, dtype=bool)] if np.ndim(found) else ids
+        rows, known = self.locate(ids)
+        if not known.all():
+            missing = np.asarray(ids)[~known]
             raise ValueError(f"{len(missing)} interactions name items missing from the SID table, e.g. {missing[:5].tolist()}")
-        return self._order[pos]
+        return rows
 
 
 @dataclass(frozen=True, eq=False)

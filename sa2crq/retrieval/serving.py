@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import torch
 
 from sa2crq.data.segments import segment_codes
+from sa2crq.data.columns import list_matrix
 from sa2crq.ids.trie import SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
 from sa2crq.retrieval.checkpoint import load_retriever
@@ -42,21 +43,23 @@ class CatalogView:
     trie: SIDTrie
 
 
-def sorted_sid_table(sid_version_url: str, columns: list[str]) -> pa.Table:
-    """The version's SID table, rows sorted by item id: the one row order every artifact uses."""
-    return read_parquet(f"{sid_version_url}/{layout.SID_TABLE}", columns=columns).sort_by("item_id")
+def build_serving_trie(sid_table: pa.Table, vocab_size: int) -> SIDTrie:
+    """The trie of a SID table (``item_id``, ``sid``), its rows in serving order (sorted by item id)."""
+    sid = sid_table.sort_by("item_id").column("sid").combine_chunks()
+    return SIDTrie.build(sid_token_matrix(sid), pc.list_value_length(sid).to_numpy(zero_copy_only=False), vocab_size)
 
 
 def load_catalog_view(sid_version_url: str) -> CatalogView:
-    table = sorted_sid_table(sid_version_url, ["item_id", "sid", "segment"])
+    # Rows sorted by item id: the one row order every serving artifact uses.
+    table = read_parquet(f"{sid_version_url}/{layout.SID_TABLE}", columns=["item_id", "sid", "segment"]).sort_by("item_id")
     index = ItemIndex(table.column("item_id").to_numpy(zero_copy_only=False))
     embedded = read_parquet(f"{sid_version_url}/{layout.EMBEDDINGS}", columns=["item_id", "embedding"])
     if embedded.num_rows != len(index):
         raise ValueError(f"{sid_version_url}: {embedded.num_rows} embeddings for {len(index)} items")
     rows = index.lookup(embedded.column("item_id").to_numpy(zero_copy_only=False))
-    vectors = embedded.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    embeddings = np.empty((len(index), vectors.size // max(len(index), 1)), dtype=np.float32)
-    embeddings[rows] = vectors.reshape(len(index), -1)
+    vectors = list_matrix(embedded.column("embedding"))
+    embeddings = np.empty(vectors.shape, dtype=np.float32)
+    embeddings[rows] = vectors
     return CatalogView(index, sid_token_matrix(table.column("sid")), segment_codes(table.column("segment")), embeddings, SIDTrie.load(f"{sid_version_url}/{layout.TRIE}"))
 
 
@@ -79,7 +82,7 @@ class Server:
         history = table.column("history").combine_chunks()
         lengths = pc.list_value_length(history).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         ids = pc.list_flatten(history).to_numpy(zero_copy_only=False)
-        known, rows = self._known(ids)
+        rows, known = self.catalog.index.locate(ids)
         every_owner = np.repeat(np.arange(len(lengths)), lengths)
         unknown = np.bincount(every_owner[~known], minlength=len(lengths))
         owner = every_owner[known]
@@ -125,11 +128,6 @@ class Server:
             }
         )
 
-    def _known(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sorted_ids = self.catalog.index.item_ids  # serving order is sorted by item id
-        pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
-        known = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
-        return known, pos
 
 
 def _require_values(table: pa.Table, columns: list[str]) -> None:

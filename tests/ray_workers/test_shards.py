@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import uuid
 from collections.abc import Callable
@@ -140,14 +139,12 @@ def test_map_shards_on_s3(s3_endpoint, ray_local):
             pq.write_table(table, f, row_group_size=group)
 
     expected = _write_inputs(write)
-    # The actors learn the endpoint from the standard AWS variable only: fsspec.config.conf, which the
-    # fixture sets, is this process's alone, and Ray may have started before the fixture ran.
-    credentials = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
-    actor_env = {"AWS_ENDPOINT_URL": s3_endpoint, **{name: os.environ[name] for name in credentials}}
+    # The actors learn the endpoint as a job's do: AWS_ENDPOINT_URL, set before Ray started (ray_local
+    # depends on s3_endpoint), inherited by every worker.
     in_url, out_url = f"s3://{bucket}/in", f"s3://{bucket}/out"
 
     def run():
-        return map_shards(in_url, out_url, scaled_stage, {"factor": 5}, actors=2, desc="scale-s3", runtime_env={"env_vars": actor_env})
+        return map_shards(in_url, out_url, scaled_stage, {"factor": 5}, actors=2, desc="scale-s3")
 
     total = len(_expected_names())
     first = run()
