@@ -161,6 +161,10 @@ class RetrieverShape:
     encoder_layers: int = 4
     decoder_layers: int = 4
     dropout: float = 0.1
+    # Read the items' content embeddings (the SID version's) beside their SID tokens.
+    item_content: bool = True
+    # A dense request-item head trained beside the SID loss, used by the item scorer.
+    dense_head: bool = True
 
 
 @dataclass(frozen=True)

@@ -46,14 +46,14 @@ def run_evaluate(config: EvaluateConfig) -> JobSummary:
         candidates = server.generator.generate(requests)
         seconds = time.perf_counter() - started
         accumulator = RetrievalAccumulator(item_index=np.arange(len(index)), item_segments=server.catalog.segments, ks=(5, 10))
-        accumulator.update(candidates.items, requests.target, from_bucket=candidates.from_bucket)
+        accumulator.update(candidates.items, requests.target, from_bucket=candidates.from_bucket, from_dense=candidates.from_dense)
         metrics = accumulator.result()
         sample = np.arange(min(len(requests), config.hallucination_requests))
         metrics["hallucination"] = server.generator.hallucination_rate(requests.subset(sample))
         metrics["constrained_invalid"] = candidates.invalid_beams / max(candidates.beams, 1)
         metrics["generate_seconds"] = round(seconds, 2)
         report = {"retriever_version": retriever_version, "sid_version": sid_version, "history_excluded": True,
-                  "generation": config.generation.to_dict(), "metrics": metrics,
+                  "generation": server.generator.config.to_dict(), "metrics": metrics,
                   "off_catalog": {"history_rows": history_off, "targets": targets_off}}  # fmt: skip
         out = config.out or f"{storage.root.rstrip('/')}/evaluations/{retriever_version}.json"
         write_json(out, report)
@@ -78,6 +78,7 @@ def format_metrics(metrics: dict) -> str:
         lines.append(f"| {name} | {values['requests']} | " + " | ".join(cell(values[n]) for n in names) + " |")
     lines.append(
         f"tail coverage {metrics['tail_coverage']}, top-{metrics['k']} from buckets {cell(metrics['bucket_share_at_k'])}, "
+        f"from the dense path only {cell(metrics['dense_share_at_k'])}, "
         f"hallucination (unconstrained) {cell(metrics['hallucination'])}, constrained invalid {cell(metrics['constrained_invalid'])}"
     )
     return "\n".join(lines)

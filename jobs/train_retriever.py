@@ -1,8 +1,9 @@
 """``sa2crq train-retriever``: train the generative retriever (Ray Train) on a published SID version.
 
 The retriever is sized to that version's SID vocabulary, trained data-parallel on the training
-interactions with early stopping on the validation targets, and published as a retriever version
-whose checkpoint records the SID version it was trained on (generation refuses any other).
+interactions with checkpoints selected by validation Recall@10, its item scorer tuned on the
+validation targets, and published as a retriever version whose checkpoint records the SID version
+it was trained on (generation refuses any other) and the tuned scorer weights.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.retrieval.checkpoint import save_retriever
 from sa2crq.retrieval.model import RetrieverConfig
 from sa2crq.storage import layout
+from sa2crq.storage.filesystem import read_parquet_schema
 from sa2crq.storage.publish import Publisher
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,9 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         vocab = SIDVocabulary.from_dict(sids.manifest(sid_version).meta["vocab"])
         model_config = RetrieverConfig(
             vocab_size=vocab.size, encoder_vocab_size=vocab.size + config.train.user_buckets,
-            query_dim=EMBEDDING_DIM if config.request_kind == "query" else 0, **dataclasses.asdict(config.model),
+            query_dim=EMBEDDING_DIM if config.request_kind == "query" else 0,
+            item_content_dim=_embedding_dim(sids.version_url(sid_version)) if config.model.item_content else 0,
+            **{k: v for k, v in dataclasses.asdict(config.model).items() if k != "item_content"},
         )  # fmt: skip
         retrievers = Publisher(storage.retrievers)
         version = retrievers.new_version()
@@ -46,14 +50,15 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
                 name=f"retriever-{version}", storage_path=storage.runs, workers=config.ray.train_workers,
                 use_gpu=config.ray.use_gpu, cpus_per_worker=config.ray.cpus_per_train_worker,
             )  # fmt: skip
-            model, history = fit_retriever(
-                f"{sids.version_url(sid_version)}/{layout.SID_TABLE}", config.interactions, config.valid,
+            model, history, scorer = fit_retriever(
+                sids.version_url(sid_version), config.interactions, config.valid,
                 model_config, config.train, run, sid_version=sid_version, query_cache_dir=config.embedding_cache,
             )  # fmt: skip
             meta = {"train_config": config.train.to_dict(), "request_kind": config.request_kind, "history": history,
-                    "parameters": model.num_parameters()}  # fmt: skip
+                    "scorer": scorer, "parameters": model.num_parameters()}  # fmt: skip
             save_retriever(f"{url}/{layout.RETRIEVER}", model, sid_version=sid_version, meta=meta)
-            report = {"sid_version": sid_version, "parameters": model.num_parameters(), "history": history, "config": config_dict(config)}
+            report = {"sid_version": sid_version, "parameters": model.num_parameters(), "history": history, "scorer": scorer,
+                      "config": config_dict(config)}  # fmt: skip
             write_json(f"{url}/{layout.TRAIN_REPORT}", report)
             publish_on_latest(retrievers, version, meta={"job": "train-retriever", "sid_version": sid_version, "request_kind": config.request_kind})
         except BaseException:
@@ -64,7 +69,13 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         summary.add("retriever", f"{url}/{layout.RETRIEVER}")
         summary.add("train report", f"{url}/{layout.TRAIN_REPORT}")
         summary.notes.append(
-            f"trained on SID version {sid_version}: {model.num_parameters():,} parameters, best epoch "
-            f"{history['best_epoch']} of {len(history['valid_loss'])}, validation loss {history['best_valid_loss']:.4f}"
+            f"trained on SID version {sid_version}: {model.num_parameters():,} parameters, {history['examples_per_second']:.0f} "
+            f"examples/s, best step {history['best_step']} of {history['steps']} (validation Recall@10 "
+            f"{history['best_metric']:.4f}{'' if history['converged'] else ', not converged'}), scorer tuned to {scorer}"
         )
         return summary
+
+
+def _embedding_dim(sid_version_url: str) -> int:
+    """Width of the SID version's item embeddings (text embeddings, or the items' own vectors)."""
+    return read_parquet_schema(f"{sid_version_url}/{layout.EMBEDDINGS}").field("embedding").type.list_size

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,8 +33,12 @@ from sa2crq.data.segments import segment_codes
 from sa2crq.quantize.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from sa2crq.retrieval.checkpoint import load_retriever, save_retriever
 from sa2crq.data.embed import TextEmbedder
-from sa2crq.retrieval.data import history_training_data, query_training_data
+from sa2crq.ids.trie import PAD, SIDTrie
+from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig, validation_recall, validation_samples
+from sa2crq.retrieval.data import ItemIndex, history_training_data, query_training_data
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
+from sa2crq.retrieval.scorer import ItemSIDs
+from sa2crq.storage import layout
 from sa2crq.retrieval.training import RetrieverTrainConfig, train_retriever
 from sa2crq.storage.filesystem import read_parquet, resolve_filesystem
 
@@ -124,7 +128,7 @@ def _save_tokenizer(tokenizer: Tokenizer, directory: str) -> None:
 
 
 def fit_retriever(
-    sid_table_url: str,
+    sid_version_url: str,
     train_interactions_url: str,
     valid_interactions_url: str,
     model_config: RetrieverConfig,
@@ -133,16 +137,19 @@ def fit_retriever(
     *,
     sid_version: str,
     query_cache_dir: str | None = None,
-) -> tuple[GenerativeRetriever, dict]:
-    """Train the retriever, data-parallel; returns the best model and the training history.
+) -> tuple[GenerativeRetriever, dict, dict]:
+    """Train the retriever, data-parallel; returns the best model, the training history and the
+    item scorer's weights tuned on validation.
 
     A model with ``query_dim`` 0 trains on user histories (the inputs are interactions); one with a
     query input trains on query logs (``query_id``, ``query``, ``item_id``), each worker embedding
-    the query text with MiniLM (cached under ``query_cache_dir``). Every worker reads the SID table
-    whole (it maps items to tokens) and both inputs, builds the requests as the benchmark does, and
-    trains on every ``world``-th training request (validation likewise; the library pools
-    validation loss over ranks). The checkpoint records ``sid_version``, the train config and the
-    history.
+    the query text with MiniLM (cached under ``query_cache_dir``). Every worker reads the SID
+    version's SID table and item embeddings whole (they map items to tokens and content) and both
+    inputs, builds the requests as the benchmark does, and trains on every ``world``-th training
+    request. Checkpoints are selected by validation Recall@10 of constrained beam search and the
+    item scorer, pooled over the ranks' validation shards; rank 0 then tunes the scorer's weights
+    on its validation shard. The checkpoint records ``sid_version``, the train config, the history
+    and the tuned weights.
     """
     user_tokens_end = model_config.vocab_size + train_config.user_buckets
     if model_config.encoder_vocab_size < user_tokens_end:
@@ -151,14 +158,17 @@ def fit_retriever(
             f"{train_config.user_buckets} user tokens after the {model_config.vocab_size} SID tokens: "
             f"set it to vocab_size + user_buckets = {user_tokens_end}"
         )
-    urls = {"sid_table": sid_table_url, "train": train_interactions_url, "valid": valid_interactions_url}
+    urls = {
+        "sid_table": f"{sid_version_url}/{layout.SID_TABLE}", "embeddings": f"{sid_version_url}/{layout.EMBEDDINGS}",
+        "train": train_interactions_url, "valid": valid_interactions_url,
+    }  # fmt: skip
     args = {"urls": urls, "model_config": model_config, "train_config": train_config, "sid_version": sid_version,
             "query_cache_dir": query_cache_dir}  # fmt: skip
     result = _trainer(_fit_retriever_per_worker, args, run, {}).fit()
     _check_replicas(result.metrics[REPLICA_FINGERPRINTS], run.name)
     with result.checkpoint.as_directory() as directory:
         checkpoint = load_retriever(directory)
-    return checkpoint.model, checkpoint.meta["history"]
+    return checkpoint.model, checkpoint.meta["history"], checkpoint.meta["scorer"]
 
 
 def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
@@ -180,21 +190,44 @@ def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
     device = get_device()
     torch.manual_seed(train_config.seed)  # identical initial replicas on every rank
     model = GenerativeRetriever(model_config).to(device)
+    # The trie and the scorer's item map in the SID table's row order, the dense index the requests use.
+    trie = SIDTrie.build(data.sid_tokens, (data.sid_tokens != PAD).sum(1), model_config.vocab_size)
+    generator = CandidateGenerator(
+        model, data.sid_tokens, trie, ItemSIDs.build(trie.row_sid), _embeddings_in_row_order(tables), GenerationConfig(),
+        user_offset=model_config.vocab_size, user_buckets=train_config.user_buckets, device=device,
+    )  # fmt: skip
+    valid = data.valid.subset(np.arange(rank, len(data.valid), world))
+    select_requests, tune_requests = validation_samples(valid, replace(train_config, select_users=-(-train_config.select_users // world)), seed=train_config.seed)
     history = train_retriever(
         model,
         data.train.subset(np.arange(rank, len(data.train), world)),
-        data.valid.subset(np.arange(rank, len(data.valid), world)),
-        torch.as_tensor(data.sid_tokens, device=device),
+        valid,
+        generator.items,
         train_config,
         user_offset=model_config.vocab_size,
+        select=lambda _: validation_recall(generator, select_requests),
     )
-    scalars = {key: history[key] for key in ("best_epoch", "best_valid_loss", "steps", "seconds")}
+    scorer, _ = generator.tune(tune_requests) if rank == 0 else (None, None)
+    scalars = {key: history[key] for key in ("best_step", "best_metric", "steps", "seconds")}
     metrics = {**scalars, REPLICA_FINGERPRINTS: _replica_fingerprints(model.state_dict())}
-    meta = {"train_config": train_config.to_dict(), "history": history | {"off_catalog": data.off_catalog}, "world_size": world}
+    meta = {"train_config": train_config.to_dict(), "history": history | {"off_catalog": data.off_catalog}, "world_size": world,
+            "scorer": None if scorer is None else asdict(scorer)}  # fmt: skip
     _report_once(
         metrics, RETRIEVER_CHECKPOINT,
         lambda directory: save_retriever(directory, model.cpu(), sid_version=args["sid_version"], meta=meta),
     )
+
+
+def _embeddings_in_row_order(tables: dict[str, pa.Table]) -> np.ndarray:
+    """The SID version's item embeddings (N, D) in its SID table's row order."""
+    index = ItemIndex(tables["sid_table"].column("item_id").to_numpy(zero_copy_only=False))
+    embedded = tables["embeddings"]
+    if embedded.num_rows != len(index):
+        raise ValueError(f"{embedded.num_rows} item embeddings for {len(index)} items in the SID table")
+    vectors = list_matrix(embedded.column("embedding"))
+    out = np.empty(vectors.shape, dtype=np.float32)
+    out[index.lookup(embedded.column("item_id").to_numpy(zero_copy_only=False))] = vectors
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def add_library_commands(commands: argparse._SubParsersAction) -> None:
 
     quality = bench_kind.add_parser("quality", help="tokenizer variants + retriever under the DESIGN §5 protocol")
     quality.add_argument("--data", required=True, type=Path, help="directory with items.parquet and interactions.parquet")
-    quality.add_argument("--profile", choices=["smoke", "cpu", "gpu"], default="smoke")
+    quality.add_argument("--profile", choices=["smoke", "cpu", "cpu-ablations", "gpu"], default="smoke")
     quality.add_argument("--out", required=True, type=Path, help="JSON results file (rewritten after every row)")
     quality.add_argument("--device", help="torch device (default: cuda when available)")
     quality.set_defaults(run=_bench_quality)

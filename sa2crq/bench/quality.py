@@ -36,11 +36,11 @@ from sa2crq.data.splits import Split, cold_start_split, leave_one_out, popularit
 from sa2crq.ids.trie import SIDTrie
 from sa2crq.metrics.bootstrap import paired_bootstrap
 from sa2crq.metrics.retrieval import RetrievalAccumulator
-from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
+from sa2crq.retrieval.candidates import Candidates, CandidateGenerator, GenerationConfig, validation_recall, validation_samples
 from sa2crq.retrieval.data import ItemIndex, Requests, Sequences, evaluation_requests, training_requests
 from sa2crq.retrieval.knn import knn_topk
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
-from sa2crq.retrieval.scorer import BucketIndex, cold_prefix_extension, request_embeddings
+from sa2crq.retrieval.scorer import ItemSIDs, ScorerWeights, request_embeddings, score_items
 from sa2crq.retrieval.training import RetrieverTrainConfig, train_retriever
 from sa2crq.storage.reports import dumps_report
 from sa2crq.quantize.tokenizer import Tokenizer
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 VARIANTS = ("sa2crq", "tiger", "rqkmeans", "sa2crq-no-sarq", "sa2crq-no-acrq")
 REFERENCE = "tiger"
 KNN_ROW = "dense-knn"
+# The scorer with its dense path switched off: what generation alone ranks.
+GENERATION_ONLY = ScorerWeights(dense_weight=0.0, content_weight=0.0, dense_candidates=0)
 
 
 @dataclass(frozen=True)
@@ -69,17 +71,25 @@ class Profile:
     hallucination_requests: int = 2000
     # Evaluate on a seeded sample of at most this many test users per run (None: all of them).
     max_eval_users: int | None = None
+    # The retriever reads items' content embeddings beside their SID tokens.
+    item_content: bool = True
     variants: tuple[str, ...] = VARIANTS
     bootstrap_resamples: int = 1000
 
+
+CPU_RETRIEVER = {"d_model": 64, "num_heads": 4, "head_dim": 16, "d_ff": 256, "encoder_layers": 2, "decoder_layers": 2,
+                 "dropout": 0.0, "dense_head": True}  # fmt: skip
+CPU_TRAIN = RetrieverTrainConfig(epochs=10, batch_size=256, learning_rate=2e-3, warmup_steps=200, max_history=8,
+                                 eval_every_steps=400, patience=2, max_steps=1200, select_users=1000, tune_users=2000)  # fmt: skip
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
         tokenizer={"rqvae.codebook_size": 16, "rqvae.latent_dim": 8, "rqvae.hidden_dims": [32], "rqvae.epochs": 4,
                    "acrq.epochs_per_stage": 2},
-        retriever={"d_model": 16, "num_heads": 2, "head_dim": 8, "d_ff": 32, "encoder_layers": 1, "decoder_layers": 1},
-        train=RetrieverTrainConfig(epochs=1, batch_size=128, warmup_steps=5, max_history=5, user_buckets=50),
+        retriever={"d_model": 16, "num_heads": 2, "head_dim": 8, "d_ff": 32, "encoder_layers": 1, "decoder_layers": 1,
+                   "dense_head": True},
+        train=RetrieverTrainConfig(epochs=2, batch_size=128, warmup_steps=5, max_history=5, user_buckets=50, select_users=50, tune_users=100),
         generation=GenerationConfig(beam_width=5, k=10),
         seeds=(0, 1),
         cold_seeds=(0,),
@@ -87,29 +97,44 @@ PROFILES: dict[str, Profile] = {
         max_eval_users=200,
         bootstrap_resamples=200,
     ),
-    # Budget-matched, not converged: sized so all variants and both runs finish within ~60 min on 2
-    # cores. Run 1 is scored on a seeded sample of 6,000 of Beauty's 22,363 test users.
+    # Sized so the three main variants, both runs and the k-NN row fit about an hour on 2 cores:
+    # 1,200 steps of 256 histories (2.3 epochs), checkpoints scored every 400 steps on 1,000
+    # validation users, the scorer tuned on 2,000, run 1 scored on a seeded 10,000 of 22,363 users.
     "cpu": Profile(
         name="cpu",
         tokenizer={"rqvae.epochs": 25, "acrq.epochs_per_stage": 6},
-        retriever={"d_model": 64, "num_heads": 4, "head_dim": 16, "d_ff": 256, "encoder_layers": 2, "decoder_layers": 2,
-                   "dropout": 0.0},
-        train=RetrieverTrainConfig(epochs=3, batch_size=512, learning_rate=2e-3, warmup_steps=50, max_history=8,
-                                   patience=2, max_steps=300),
-        generation=GenerationConfig(beam_width=20, k=10, batch_size=512),
+        retriever=CPU_RETRIEVER,
+        train=CPU_TRAIN,
+        generation=GenerationConfig(beam_width=20, k=10, batch_size=256),
         seeds=(0, 1),
         cold_seeds=(0,),
         hallucination_requests=500,
-        max_eval_users=6000,
+        max_eval_users=10000,
+        variants=("sa2crq", "tiger", "rqkmeans"),
     ),
-    # One H100: TIGER-sized retriever trained for longer; needs only torch, numpy and pyarrow.
+    # The two ablations under the same budget (a run of its own, to fit the same hour).
+    "cpu-ablations": Profile(
+        name="cpu-ablations",
+        tokenizer={"rqvae.epochs": 25, "acrq.epochs_per_stage": 6},
+        retriever=CPU_RETRIEVER,
+        train=CPU_TRAIN,
+        generation=GenerationConfig(beam_width=20, k=10, batch_size=256),
+        seeds=(0, 1),
+        cold_seeds=(0,),
+        hallucination_requests=500,
+        max_eval_users=10000,
+        variants=("sa2crq-no-sarq", "sa2crq-no-acrq"),
+    ),
+    # One H100/H200: the TIGER shape with 20-item histories, trained for longer; needs only torch,
+    # numpy and pyarrow. Sized from the CPU curves (still rising after 2-4 epochs at batch 256):
+    # up to 16 epochs of batch 1,024, checkpoints scored every epoch. Not yet run on a device.
     "gpu": Profile(
         name="gpu",
         tokenizer={},
-        retriever={},
-        train=RetrieverTrainConfig(epochs=30, batch_size=1024, learning_rate=2e-3, warmup_steps=300, max_history=20,
-                                   patience=3, max_steps=3000),
-        generation=GenerationConfig(beam_width=30, k=10, batch_size=1024),
+        retriever={"dense_head": True},
+        train=RetrieverTrainConfig(epochs=16, batch_size=1024, learning_rate=2e-3, warmup_steps=300, max_history=20,
+                                   eval_every_steps=128, patience=3, select_users=2000, tune_users=4000),
+        generation=GenerationConfig(beam_width=20, k=10, batch_size=1024),
         seeds=(0, 1),
         cold_seeds=(0,),
         variants=("sa2crq", "tiger", "sa2crq-no-sarq", "sa2crq-no-acrq", "rqkmeans"),
@@ -167,13 +192,49 @@ def run_quality_benchmark(data_dir: Path, profile: Profile, out_path: Path, devi
     knn_row, knn_arrays = _evaluate_knn(runs, profile, device)
     result["rows"][KNN_ROW] = knn_row
     per_request[KNN_ROW] = knn_arrays
-    if REFERENCE in per_request:
-        for variant, arrays in per_request.items():
-            if variant != REFERENCE:
-                result["rows"][variant]["vs_tiger"] = _bootstrap(arrays, per_request[REFERENCE], profile)
+    for reference, key in ((REFERENCE, "vs_tiger"), (KNN_ROW, "vs_knn")):
+        if reference in per_request:
+            for variant, arrays in per_request.items():
+                if variant not in (reference, KNN_ROW):
+                    result["rows"][variant][key] = _bootstrap(arrays, per_request[reference], profile)
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["plot"] = plot_learning_curves(result, out_path.with_suffix(".png"))
     _write(out_path, result)
     return result
+
+
+def plot_learning_curves(result: dict[str, Any], path: Path) -> str | None:
+    """Validation Recall@10 (the selection metric) against training examples, one line per variant
+    and seed of run 1, the selected checkpoint marked; a PNG beside the JSON. None where matplotlib
+    is not installed (the GPU machine): the curves stay in the JSON."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, row in result["rows"].items():
+        for seed in row.get("run1", {}).get("per_seed", []):
+            curve = seed.get("curve") or []
+            if not curve:
+                continue
+            examples = [point["examples"] for point in curve]
+            line = axes.plot(examples, [point["metric"] for point in curve], marker=".", label=f"{name} seed {seed['seed']}")
+            best = seed["train"]["best_step"]
+            chosen = [point for point in curve if point["step"] == best]
+            axes.plot([p["examples"] for p in chosen], [p["metric"] for p in chosen], "o", markersize=10, fillstyle="none", color=line[0].get_color())
+    axes.set_xlabel("training examples")
+    axes.set_ylabel("validation Recall@10 (selection sample)")
+    axes.set_title(f"Learning curves, profile {result['profile']} (circle: selected checkpoint)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return str(path)
 
 
 def _run_data(name: str, split: Split, items: pa.Table, *, cold_only: bool, limit: int | None, seed: int) -> RunData:
@@ -234,30 +295,55 @@ def _train_and_evaluate(
     train_requests = training_requests(train_seq, train_cfg.max_history)
     valid_requests = evaluation_requests(train_seq, run.split.valid, index, train_cfg.max_history)
     test_requests = _test_requests(run, index, train_cfg.max_history)
+    # Seeded validation samples: one scores checkpoints, a larger one tunes the scorer.
+    select_requests, tune_requests = validation_samples(valid_requests, train_cfg, seed=profile.split_seed)
 
+    embeddings = _embeddings_of(run.items, index)
     torch.manual_seed(seed)
-    model_config = RetrieverConfig(vocab_size=vocab.size, encoder_vocab_size=vocab.size + train_cfg.user_buckets, **profile.retriever)
+    model_config = RetrieverConfig(
+        vocab_size=vocab.size, encoder_vocab_size=vocab.size + train_cfg.user_buckets,
+        item_content_dim=embeddings.shape[1] if profile.item_content else 0, **profile.retriever,
+    )  # fmt: skip
     model = GenerativeRetriever(model_config).to(device)
-    sid_tokens = torch.as_tensor(table.tokens, device=device)
-    history = train_retriever(model, train_requests, valid_requests, sid_tokens, train_cfg, user_offset=vocab.size)
-
-    is_cold = table.segments == COLD
     trie = SIDTrie.build(table.tokens, table.sid_len + 1, vocab.size)
-    # Buckets are keyed by the trie's SID index, the one beam search returns.
-    extra = cold_prefix_extension(table.codes, trie.row_sid, is_cold, table.codes.shape[1]) if tiger_rule else None
-    generator = CandidateGenerator(
-        model, table.tokens, trie, BucketIndex.build(trie.row_sid, extra),
-        _embeddings_of(run.items, index), profile.generation,
-        user_offset=vocab.size, user_buckets=train_cfg.user_buckets, device=device,
-        item_is_cold=is_cold if tiger_rule else None, cold_cap=profile.tiger_cold_cap if tiger_rule else None,
+    is_cold = table.segments == COLD
+    # The scorer is keyed by the trie's SID index, the one beam search returns.
+    sids = (
+        ItemSIDs.build(trie.row_sid, codes=table.codes, prefix_levels=table.codes.shape[1], item_is_cold=is_cold, cold_cap=profile.tiger_cold_cap)
+        if tiger_rule
+        else ItemSIDs.build(trie.row_sid)
     )
+    generator = CandidateGenerator(
+        model, table.tokens, trie, sids, embeddings, profile.generation,
+        user_offset=vocab.size, user_buckets=train_cfg.user_buckets, device=device,
+    )  # fmt: skip
+
+    history = train_retriever(
+        model, train_requests, select_requests, generator.items, train_cfg,
+        user_offset=vocab.size, select=lambda _: validation_recall(generator, select_requests),
+    )  # fmt: skip
     started = time.perf_counter()
-    candidates = generator.generate(test_requests)
+    weights, tuning = generator.tune(tune_requests)
+    tune_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    batches = list(generator.features(test_requests))
     generate_seconds = time.perf_counter() - started
-    metrics = _metrics(candidates.items, candidates.from_bucket, test_requests, table.segments, profile)
+    invalid = sum(bad for _, bad in batches)
+    produced = sum(int(torch.isfinite(f.sid_log_probs).sum()) for f, _ in batches)
+    scored = {
+        name: Candidates.concat([score_items(f, generator.sids, w, k=profile.generation.k) for f, _ in batches], invalid, produced, profile.generation.k)
+        for name, w in (("hybrid", weights), ("generation_only", GENERATION_ONLY))
+    }
+    candidates = scored["hybrid"]
+    metrics = _metrics(candidates.items, test_requests, table.segments, candidates.from_bucket, candidates.from_dense)
+    metrics["generation_only"] = _metrics(scored["generation_only"].items, test_requests, table.segments)["recall@10"]
     metrics["hallucination"] = generator.hallucination_rate(test_requests.subset(np.arange(min(len(test_requests), profile.hallucination_requests))))
     metrics["constrained_invalid"] = candidates.invalid_beams / max(candidates.beams, 1)
-    metrics["train"] = {k: history[k] for k in ("best_epoch", "best_valid_loss", "steps", "seconds")} | {"epochs_run": len(history["valid_loss"])}
+    metrics["train"] = {key: value for key, value in history.items() if key != "curve"}
+    metrics["curve"] = history["curve"]
+    metrics["scorer"] = asdict(weights)
+    metrics["tuning"] = {"points": len(tuning), "seconds": round(tune_seconds, 1), "valid_recall@10": max(t["recall"] for t in tuning)}
     metrics["generate_seconds"] = round(generate_seconds, 1)
     metrics["parameters"] = model.num_parameters()
     return metrics
@@ -272,9 +358,11 @@ def _test_requests(run: RunData, index: ItemIndex, max_history: int) -> Requests
     return evaluation_requests(history, run.test, index, max_history)
 
 
-def _metrics(topk: np.ndarray, from_bucket: np.ndarray | None, requests: Requests, segments: np.ndarray, profile: Profile) -> dict[str, Any]:
+def _metrics(
+    topk: np.ndarray, requests: Requests, segments: np.ndarray, from_bucket: np.ndarray | None = None, from_dense: np.ndarray | None = None
+) -> dict[str, Any]:
     acc = RetrievalAccumulator(item_index=np.arange(len(segments)), item_segments=segments, ks=(5, 10))
-    acc.update(topk, requests.target, from_bucket=from_bucket)
+    acc.update(topk, requests.target, from_bucket=from_bucket, from_dense=from_dense)
     out = acc.result()
     tail = acc.request_segments() == TAIL
     out["per_request"] = {
@@ -296,7 +384,7 @@ def _evaluate_knn(runs: list[RunData], profile: Profile, device: str) -> tuple[d
         emb = torch.as_tensor(_embeddings_of(run.items, index))
         queries = request_embeddings(torch.as_tensor(requests.history), emb, profile.generation.request_last_n)
         top, _ = knn_topk(queries, emb, profile.generation.k, exclude=requests.history_csr(), device=device)
-        metrics = _metrics(top, None, requests, segments, profile)
+        metrics = _metrics(top, requests, segments)
         seeds = profile.seeds if run.name == "run1" else profile.cold_seeds
         # Deterministic: the same numbers for every seed; repeated so the pairing with TIGER holds.
         row[run.name] = _pool([metrics] * len(seeds), seeds)
@@ -307,7 +395,10 @@ def _evaluate_knn(runs: list[RunData], profile: Profile, device: str) -> tuple[d
 
 def _pool(metrics: list[dict[str, Any]], seeds: tuple[int, ...]) -> dict[str, Any]:
     """Means over seeds of the scalar metrics, plus each seed's own numbers."""
-    scalars = ["recall@5", "ndcg@5", "recall@10", "ndcg@10", "tail_coverage", "bucket_share_at_k", "hallucination", "constrained_invalid"]
+    scalars = [
+        "recall@5", "ndcg@5", "recall@10", "ndcg@10", "tail_coverage", "bucket_share_at_k", "dense_share_at_k",
+        "generation_only", "hallucination", "constrained_invalid",
+    ]  # fmt: skip
     pooled: dict[str, Any] = {"requests": metrics[0]["requests"]}
     for key in scalars:
         values = [m[key] for m in metrics if m.get(key) is not None]
@@ -316,7 +407,8 @@ def _pool(metrics: list[dict[str, Any]], seeds: tuple[int, ...]) -> dict[str, An
     pooled["tail_recall@10"] = float(np.mean(tail)) if tail else None
     pooled["segments"] = {name: {"requests": seg["requests"], "recall@10": seg["recall@10"]} for name, seg in metrics[0]["segments"].items()}
     pooled["per_seed"] = [
-        {"seed": seed, **{k: m.get(k) for k in ("recall@10", "ndcg@10", "hallucination", "train", "generate_seconds", "parameters")}}
+        {"seed": seed, **{k: m.get(k) for k in ("recall@10", "ndcg@10", "generation_only", "hallucination", "train", "curve", "scorer",
+                                                 "tuning", "generate_seconds", "parameters")}}
         for seed, m in zip(seeds, metrics)
     ]
     return pooled
@@ -383,28 +475,40 @@ def _write(path: Path, result: dict[str, Any]) -> None:
 
 
 def format_quality_table(result: dict[str, Any]) -> str:
-    """The side-by-side table (markdown)."""
-    header = (
-        "| variant | R@5 | N@5 | R@10 | N@10 | tail R@10 | cold R@10 (run 2) | halluc. | tail cov. | top-10 from buckets "
-        "| ID len head/tail | collision | wall s | R@10 vs TIGER (95% CI) |"
-    )
-    lines = [header, "|" + "---|" * 14]
+    """The side-by-side table (markdown): run 1 (leave-one-out) metrics, cold R@10 of run 2, where
+    the top-10 came from, training (examples/s, selected step of steps run, converged), and the
+    paired-bootstrap differences of R@10 to TIGER and to the k-NN row."""
+    columns = [
+        "variant", "R@5", "N@5", "R@10", "N@10", "gen-only R@10", "tail R@10", "cold R@10 (run 2)", "halluc.", "tail cov.",
+        "top-10 from buckets / dense", "ID len head/tail", "train ex/s", "best step / steps", "wall s",
+        "R@10 vs TIGER (95% CI)", "R@10 vs k-NN (95% CI)",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, row in result["rows"].items():
         if "skipped" in row:
-            lines.append(f"| {name} | skipped: {row['skipped']} |" + " |" * 12)
+            lines.append(f"| {name} | skipped: {row['skipped']} |" + " |" * (len(columns) - 2))
             continue
         r1, r2 = row.get("run1", {}), row.get("run2", {})
         tok = row.get("tokenizer", {})
-        ci = row.get("vs_tiger", {}).get("run1/recall@10")
-        ci_text = f"{ci['mean_diff']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]" if ci else "-"
+        seeds = r1.get("per_seed", [])
+        trains = [seed["train"] for seed in seeds if seed.get("train")]
+        speed = f"{np.mean([t['examples_per_second'] for t in trains]):.0f}" if trains else "-"
+        steps = ", ".join(f"{t['best_step']}/{t['steps']}" + ("" if t["converged"] else " (not converged)") for t in trains) or "-"
         lines.append(
-            f"| {name} | {_f(r1.get('recall@5'))} | {_f(r1.get('ndcg@5'))} | {_f(r1.get('recall@10'))} | {_f(r1.get('ndcg@10'))} "
-            f"| {_f(r1.get('tail_recall@10'))} | {_f(r2.get('recall@10'))} | {_f(r1.get('hallucination'))} "
-            f"| {r1.get('tail_coverage', '-')} | {_f(r1.get('bucket_share_at_k'))} "
-            f"| {_f(tok.get('mean_sid_len_head'), 2)}/{_f(tok.get('mean_sid_len_tail'), 2)} | {_f(tok.get('collision_rate'))} "
-            f"| {row.get('seconds', '-')} | {ci_text} |"
-        )
+            "| " + " | ".join([
+                name, _f(r1.get("recall@5")), _f(r1.get("ndcg@5")), _f(r1.get("recall@10")), _f(r1.get("ndcg@10")),
+                _f(r1.get("generation_only")), _f(r1.get("tail_recall@10")), _f(r2.get("recall@10")), _f(r1.get("hallucination")),
+                str(r1.get("tail_coverage", "-")), f"{_f(r1.get('bucket_share_at_k'), 2)} / {_f(r1.get('dense_share_at_k'), 2)}",
+                f"{_f(tok.get('mean_sid_len_head'), 2)}/{_f(tok.get('mean_sid_len_tail'), 2)}", speed, steps,
+                str(row.get("seconds", "-")), _interval(row, "vs_tiger"), _interval(row, "vs_knn"),
+            ]) + " |"
+        )  # fmt: skip
     return "\n".join(lines)
+
+
+def _interval(row: dict[str, Any], key: str) -> str:
+    ci = row.get(key, {}).get("run1/recall@10")
+    return f"{ci['mean_diff']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]" if ci else "-"
 
 
 def _f(value: Any, digits: int = 4) -> str:

@@ -18,6 +18,9 @@ target in the top-K list (no rank when it is absent):
   expanding a bucket SID (``from_bucket``); it shows whether short, shared IDs win by construction.
   An update without ``from_bucket`` (e.g. the dense k-NN row) contributes filled slots and no bucket
   slots. ``None`` before any slot was filled.
+* ``dense_share_at_k``: the same share for slots whose item entered through the item scorer's dense
+  path only (no generated SID reached it, ``from_dense``): how much of a hybrid top-K generation
+  did not find.
 * ``requests``: the number of requests seen.
 
 Per-request values (:meth:`RetrievalAccumulator.per_request`) are kept, in update order, so that two
@@ -135,6 +138,7 @@ class RetrievalAccumulator:
         self._tail_seen = np.zeros(item_index.size, dtype=bool)
         self._filled_slots = 0
         self._bucket_slots = 0
+        self._dense_slots = 0
 
     # ---------------------------------------------------------------------------------------- update
 
@@ -143,21 +147,22 @@ class RetrievalAccumulator:
         topk_item_ids: np.ndarray,
         target_item_ids: np.ndarray,
         from_bucket: np.ndarray | None = None,
+        from_dense: np.ndarray | None = None,
     ) -> None:
         """Add a batch: ``topk_item_ids`` (B, Kmax) int64 with ``-1`` for empty slots, best first;
         ``target_item_ids`` (B,); ``from_bucket`` (B, Kmax) bool, True where the slot's item came from
-        expanding a bucket SID, or None when no slot did. ``Kmax`` must be at least ``max(ks)``; slots
-        beyond it are checked for duplicates but otherwise ignored.
+        expanding a bucket SID, or None when no slot did; ``from_dense`` likewise for items that
+        entered through the dense path only. ``Kmax`` must be at least ``max(ks)``; slots beyond it
+        are checked for duplicates but otherwise ignored.
         """
         topk = _as_topk(topk_item_ids)
         if topk.shape[1] < self.k_max:
             raise ValueError(
                 f"topk_item_ids has {topk.shape[1]} columns but ks needs {self.k_max}; pad with {EMPTY_SLOT}"
             )
-        if from_bucket is not None:
-            from_bucket = np.asarray(from_bucket)
-            if from_bucket.shape != topk.shape or from_bucket.dtype != np.bool_:
-                raise ValueError(f"from_bucket must be a bool array of shape {topk.shape}")
+        for name, flags in (("from_bucket", from_bucket), ("from_dense", from_dense)):
+            if flags is not None and (np.shape(flags) != topk.shape or np.asarray(flags).dtype != np.bool_):
+                raise ValueError(f"{name} must be a bool array of shape {topk.shape}")
         ranks = target_ranks(topk, target_item_ids)  # validates shapes and duplicates
         target_dense = self._dense(np.asarray(target_item_ids), what="target_item_ids")
 
@@ -165,12 +170,14 @@ class RetrievalAccumulator:
         filled = top != EMPTY_SLOT
         top_dense = self._dense(top[filled], what="topk_item_ids")
         is_tail = self._item_segments[top_dense] == TAIL
-        bucket_slots = int(from_bucket[:, : self.k_max][filled].sum()) if from_bucket is not None else 0
+        bucket_slots = int(np.asarray(from_bucket)[:, : self.k_max][filled].sum()) if from_bucket is not None else 0
+        dense_slots = int(np.asarray(from_dense)[:, : self.k_max][filled].sum()) if from_dense is not None else 0
 
         # All checks passed: only now mutate state, so a rejected batch leaves the accumulator as it was.
         self._tail_seen[top_dense[is_tail]] = True
         self._filled_slots += int(filled.sum())
         self._bucket_slots += bucket_slots
+        self._dense_slots += dense_slots
         self._ranks.append(np.where(ranks < self.k_max, ranks, -1))
         self._segments.append(self._item_segments[target_dense])
 
@@ -220,6 +227,8 @@ class RetrievalAccumulator:
         out["filled_slots"] = self._filled_slots
         out["bucket_slots"] = self._bucket_slots
         out["bucket_share_at_k"] = self._bucket_slots / self._filled_slots if self._filled_slots else None
+        out["dense_slots"] = self._dense_slots
+        out["dense_share_at_k"] = self._dense_slots / self._filled_slots if self._filled_slots else None
         return out
 
     # -------------------------------------------------------------------------------------- internals

@@ -1,10 +1,10 @@
 """Requests for the generative retriever: user histories as SID token sequences, or text queries, and their targets.
 
 Items are addressed by their dense index: the row of the item in the SID table. A request holds
-the indices of the user's most recent ``max_history`` items (oldest first, -1 padded on the left)
-and the target item. The encoder input is built on the fly, on the model's device, from those
-indices and the SID table's token rows: a hashed user token, then each history item's SID tokens
-(EOS included, so variable-length IDs stay unambiguous), PAD removed.
+the indices of the user's most recent ``max_history`` items (oldest first, -1 padded on the left),
+which the encoder reads (token by token, see :mod:`sa2crq.retrieval.model`), the target
+item, and the user's *whole* history as a CSR, which every variant excludes from its top-K
+(DESIGN §5: all of it, not only the encoder's window).
 
 A query request (DESIGN §3.4) carries a text embedding instead of a history; the model projects it
 to a few input tokens. No real query log exists here: :func:`synthetic_queries` derives a SYNTHETIC
@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from sa2crq.ids.trie import EOS, PAD
 
@@ -86,8 +85,13 @@ class Requests:
     target: np.ndarray  # (R,) dense item index; -1 when unknown (pure inference)
     # (R, D) float32 query text embeddings: set, these are query requests, encoded from the query alone.
     query: np.ndarray | None = None
+    # CSR (indptr (R + 1,), items) of every item of each request's history, for exclusion from the
+    # top-K; None: the ``history`` window is the whole history.
+    excluded: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
+        if self.excluded is not None and len(self.excluded[0]) != len(self.user_ids) + 1:
+            raise ValueError(f"excluded must be a CSR over R={len(self.user_ids)} requests, got indptr of {len(self.excluded[0])}")
         if self.query is not None:
             if self.query.ndim != 2 or len(self.query) != len(self.user_ids):
                 raise ValueError(f"query must be (R={len(self.user_ids)}, D), got {self.query.shape}")
@@ -99,13 +103,39 @@ class Requests:
         return len(self.user_ids)
 
     def subset(self, rows: np.ndarray) -> "Requests":
+        rows = np.asarray(rows, dtype=np.int64)
         query = None if self.query is None else self.query[rows]
-        return Requests(self.user_ids[rows], self.history[rows], self.target[rows], query)
+        excluded = None
+        if self.excluded is not None:
+            indptr, items = self.excluded
+            lengths = np.diff(indptr)[rows]
+            excluded = (_indptr(lengths), items[_ranges(indptr[rows], lengths)])
+        return Requests(self.user_ids[rows], self.history[rows], self.target[rows], query, excluded)
 
     def history_csr(self) -> tuple[np.ndarray, np.ndarray]:
-        """(indptr, indices) of each request's non-padding history items, for exclusion."""
+        """(indptr, indices) of every history item of each request, for exclusion from its top-K."""
+        if self.excluded is not None:
+            return self.excluded
         valid = self.history >= 0
         return np.r_[0, np.cumsum(valid.sum(1))].astype(np.int64), self.history[valid]
+
+    def excluded_matrix(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), E) the history items of some requests, -1 padded: the scorer's exclusion input."""
+        indptr, items = self.history_csr()
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = np.diff(indptr)[rows]
+        out = np.full((len(rows), max(int(lengths.max(initial=0)), 1)), -1, dtype=np.int64)
+        out[np.repeat(np.arange(len(rows)), lengths), _ranges(np.zeros(len(rows), dtype=np.int64), lengths)] = items[_ranges(indptr[rows], lengths)]
+        return out
+
+
+def _indptr(lengths: np.ndarray) -> np.ndarray:
+    return np.r_[0, np.cumsum(lengths)].astype(np.int64)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenated ranges ``[starts[r], starts[r] + lengths[r])``, as one index array."""
+    return np.repeat(starts - _indptr(lengths)[:-1], lengths) + np.arange(lengths.sum(), dtype=np.int64)
 
 
 def _windows(seq: Sequences, ends: np.ndarray, owners: np.ndarray, max_history: int) -> np.ndarray:
@@ -128,19 +158,25 @@ def training_requests(train: Sequences, max_history: int) -> Requests:
 
 
 def evaluation_requests(history: Sequences, targets: pa.Table, index: ItemIndex, max_history: int) -> Requests:
-    """One request per target row: the user's whole ``history`` sequence before it, then the target.
+    """One request per target row: the user's ``history`` sequence before it (its last
+    ``max_history`` items for the encoder, all of it for exclusion), then the target.
 
     Targets of users with no history get an all-padding history (only the user token remains).
     """
     users = targets.column("user_id").to_numpy(zero_copy_only=False)
     target_items = index.lookup(targets.column("item_id").to_numpy(zero_copy_only=False))
     windows = np.full((len(users), max_history), -1, dtype=np.int64)
+    lengths = np.zeros(len(users), dtype=np.int64)
+    starts = np.zeros(len(users), dtype=np.int64)
     if len(history.user_ids):
         pos = np.minimum(np.searchsorted(history.user_ids, users), len(history.user_ids) - 1)
         known = history.user_ids[pos] == users
         owners = pos[known]
         windows[known] = _windows(history, history.indptr[owners + 1], owners, max_history)
-    return Requests(users, windows, target_items.astype(np.int64))
+        starts[known] = history.indptr[owners]
+        lengths[known] = history.indptr[owners + 1] - history.indptr[owners]
+    excluded = (_indptr(lengths), history.items[_ranges(starts, lengths)])
+    return Requests(users, windows, target_items.astype(np.int64), excluded=excluded)
 
 
 def sid_token_matrix(sid: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -260,19 +296,3 @@ def user_token(user_ids: np.ndarray, buckets: int, offset: int) -> np.ndarray:
         ids = ids.astype(object)
     hashed = pd.util.hash_array(ids, categorize=False)
     return (offset + (hashed % np.uint64(buckets))).astype(np.int64)
-
-
-def encoder_tokens(history: torch.Tensor, users: torch.Tensor, sid_tokens: torch.Tensor) -> torch.Tensor:
-    """(B, 1 + H*T) encoder input: user token, then the history items' SID tokens, PAD squeezed out.
-
-    ``history`` (B, H) dense indices (-1 = padding), ``users`` (B,) user tokens, ``sid_tokens``
-    (N, T) EOS-terminated, PAD-filled token rows of the SID table.
-    """
-    b, h = history.shape
-    rows = sid_tokens[history.clamp_min(0)]  # (B, H, T)
-    rows = torch.where((history >= 0)[:, :, None], rows, torch.full_like(rows, PAD)).reshape(b, -1)
-    # Stable sort on "is padding" moves real tokens to the front in their original order.
-    order = torch.sort((rows == PAD).to(torch.int8), dim=1, stable=True).indices
-    packed = torch.gather(rows, 1, order)
-    width = int((rows != PAD).sum(1).max().item()) if rows.numel() else 0
-    return torch.cat([users[:, None], packed[:, :width]], dim=1)

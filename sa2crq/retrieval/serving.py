@@ -23,7 +23,7 @@ from sa2crq.ids.trie import SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
 from sa2crq.retrieval.checkpoint import load_retriever
 from sa2crq.retrieval.data import ItemIndex, Requests, sid_token_matrix
-from sa2crq.retrieval.scorer import BucketIndex
+from sa2crq.retrieval.scorer import ItemSIDs, ScorerWeights
 from sa2crq.storage import layout
 from sa2crq.storage.filesystem import read_parquet
 
@@ -75,8 +75,9 @@ class Server:
     def history_requests(self, table: pa.Table) -> tuple[Requests, np.ndarray]:
         """Requests from rows of ``request_id``, ``history`` (item ids, oldest first) and optional ``user_id``.
 
-        History items the SID version does not know are left out of the encoder input; how many,
-        per request, is returned so the job reports it.
+        The last ``max_history`` known items feed the encoder; every known item is excluded from
+        the top-K. History items the SID version does not know are left out; how many, per
+        request, is returned so the job reports it.
         """
         _require_values(table, ["request_id", "history"])
         history = table.column("history").combine_chunks()
@@ -94,7 +95,8 @@ class Server:
         inside = from_end >= -self.max_history
         window[owner[inside], self.max_history + from_end[inside]] = rows[inside]
         users = table.column("user_id" if "user_id" in table.column_names else "request_id").to_numpy(zero_copy_only=False)
-        return Requests(np.asarray(users), window, np.full(len(lengths), -1, dtype=np.int64)), unknown
+        excluded = (np.r_[0, np.cumsum(kept)].astype(np.int64), rows)
+        return Requests(np.asarray(users), window, np.full(len(lengths), -1, dtype=np.int64), excluded=excluded), unknown
 
     def query_requests(self, table: pa.Table, embed) -> Requests:
         """Requests from rows of ``request_id`` and ``query`` (text), embedded by ``embed(texts)``."""
@@ -152,11 +154,14 @@ def load_server(sid_version_url: str, sid_version: str, retriever_url: str, gene
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     train = checkpoint.meta["train_config"]
     vocab_size = checkpoint.model.config.vocab_size
+    if generation.tuned_scorer and "scorer" in checkpoint.meta:
+        # The weights train-retriever tuned on its validation split (DESIGN §3.4).
+        generation = generation.with_weights(ScorerWeights(**checkpoint.meta["scorer"]))
     generator = CandidateGenerator(
         checkpoint.model,
         catalog.sid_tokens,
         catalog.trie,
-        BucketIndex.build(catalog.trie.row_sid),
+        ItemSIDs.build(catalog.trie.row_sid),
         catalog.embeddings,
         generation,
         user_offset=vocab_size,

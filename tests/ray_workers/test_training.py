@@ -15,10 +15,14 @@ from ray_workers.training import REPLICA_FINGERPRINTS, TrainRun, _replica_finger
 from sa2crq.config import SegmentConfig, SIDConfig
 from sa2crq.data.segments import SEGMENT_NAMES, assign_segments
 from sa2crq.ids.sid_table import FIRST_CODE_TOKEN, assign_sids
+from sa2crq.ids.trie import PAD, SIDTrie
+from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig, validation_recall
 from sa2crq.retrieval.checkpoint import load_retriever
 from sa2crq.retrieval.data import history_training_data, sid_token_matrix
-from sa2crq.retrieval.model import RetrieverConfig
+from sa2crq.retrieval.model import ItemFeatures, RetrieverConfig
+from sa2crq.retrieval.scorer import ItemSIDs, ScorerWeights
 from sa2crq.retrieval.training import RetrieverTrainConfig, validation_loss
+from sa2crq.storage import layout
 from sa2crq.storage.filesystem import read_parquet, resolve_filesystem, write_parquet
 from tests.conftest import small_config
 
@@ -69,7 +73,9 @@ def test_fit_tokenizer_checkpoints_on_s3_and_replicas_agree(s3_endpoint, ray_loc
 
 
 def _sid_table_and_interactions(tmp_path):
-    """64 items with 2-level SIDs; 60 users who walk the catalog in steps of one (a learnable pattern)."""
+    """A SID version directory (SID table and item embeddings) of 64 items with 2-level SIDs; 60 users
+    who walk the catalog in steps of one (a learnable pattern). Returns the vocabulary size, the
+    paths, and the item embeddings in SID table row order."""
     rng = np.random.default_rng(0)
     n_items, n_users, length = 64, 60, 8
     item_ids = np.arange(n_items, dtype=np.int64) * 5 + 1
@@ -82,11 +88,16 @@ def _sid_table_and_interactions(tmp_path):
     users = np.repeat(np.arange(n_users, dtype=np.int64), length)
     interactions = pa.table({"user_id": users, "item_id": walk.reshape(-1), "timestamp": np.tile(np.arange(length), n_users)})
     last = np.tile(np.arange(length) == length - 1, n_users)
-    paths = {"sid_table": tmp_path / "sids.parquet", "train": tmp_path / "train.parquet", "valid": tmp_path / "valid.parquet"}
-    write_parquet(table.to_arrow(), paths["sid_table"])
+    embeddings = rng.normal(size=(n_items, 8)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    embedded = pa.table({"item_id": item_ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), 8)})
+    paths = {"sid_version": tmp_path / "sids", "train": tmp_path / "train.parquet", "valid": tmp_path / "valid.parquet"}
+    write_parquet(table.to_arrow(), paths["sid_version"] / layout.SID_TABLE / "part-0.parquet")
+    # Shuffled: the workers must put the embeddings in the SID table's row order themselves.
+    write_parquet(embedded.take(rng.permutation(n_items)), paths["sid_version"] / layout.EMBEDDINGS / "part-0.parquet")
     write_parquet(interactions.filter(pa.array(~last)), paths["train"])
     write_parquet(interactions.filter(pa.array(last)), paths["valid"])
-    return table.vocab.size, {name: str(p) for name, p in paths.items()}
+    return table.vocab.size, {name: str(p) for name, p in paths.items()}, embeddings
 
 
 TRAIN_CONFIG = RetrieverTrainConfig(epochs=4, batch_size=32, learning_rate=3e-3, warmup_steps=2, max_history=4,
@@ -98,39 +109,50 @@ def _retriever_config(vocab: int) -> RetrieverConfig:
                            num_heads=2, head_dim=16, d_ff=64, encoder_layers=1, decoder_layers=1, dropout=0.0)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_fit_retriever_learns_and_checkpoints_the_best_model(ray_local, tmp_path):
-    vocab, paths = _sid_table_and_interactions(tmp_path)
+    vocab, paths, embeddings = _sid_table_and_interactions(tmp_path)
     train_config, model_config = TRAIN_CONFIG, _retriever_config(vocab)
     run = TrainRun(name=f"retriever-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "runs"), cpus_per_worker=WORKER_CPUS)
 
-    model, history = fit_retriever(paths["sid_table"], paths["train"], paths["valid"], model_config, train_config, run,
-                                   sid_version="sids-v1")
+    model, history, scorer = fit_retriever(paths["sid_version"], paths["train"], paths["valid"], model_config, train_config, run,
+                                           sid_version="sids-v1")
 
-    assert history["best_valid_loss"] < history["valid_loss"][0]
+    curve = history["curve"]
+    assert len(curve) == 4 and curve[-1]["valid_loss"] < curve[0]["valid_loss"]  # one evaluation per epoch; it learns
+    assert history["selected_by"] == "select" and history["best_metric"] == max(p["metric"] for p in curve)
     checkpoint = load_retriever(tmp_path / "runs" / run.name / "retriever")
     assert checkpoint.sid_version == "sids-v1"
     assert checkpoint.meta["train_config"] == train_config.to_dict() and checkpoint.meta["world_size"] == 2
-    # The returned model is the best epoch's, and its loss over the whole validation set is the
-    # loss the two ranks pooled over their halves.
-    data = history_training_data(*(read_parquet(paths[k]) for k in ("sid_table", "train", "valid")), train_config.max_history)
-    full = validation_loss(model, data.valid, torch.as_tensor(data.sid_tokens), train_config, user_offset=vocab)
+    # Rank 0 tuned the item scorer on validation; the weights are returned and recorded.
+    assert checkpoint.meta["scorer"] == scorer and isinstance(ScorerWeights(**scorer), ScorerWeights)
+    # The returned model is the best evaluation's: its loss over the whole validation set is the
+    # loss the two ranks pooled over their halves at that evaluation...
+    data = history_training_data(*(read_parquet(p) for p in (f"{paths['sid_version']}/{layout.SID_TABLE}", paths["train"], paths["valid"])),
+                                 train_config.max_history)  # fmt: skip
+    full = validation_loss(model, data.valid, ItemFeatures(torch.as_tensor(data.sid_tokens)), train_config, user_offset=vocab)
     assert full == pytest.approx(history["best_valid_loss"], rel=1e-5)
+    # ...and its Recall@10 over the whole validation set (each rank selected on its whole half) is the
+    # pooled selection metric, up to one request (float32 beams, batched differently, may flip a tie).
+    trie = SIDTrie.build(data.sid_tokens, (data.sid_tokens != PAD).sum(1), vocab)
+    generator = CandidateGenerator(model, data.sid_tokens, trie, ItemSIDs.build(trie.row_sid), embeddings, GenerationConfig(),
+                                   user_offset=vocab, user_buckets=train_config.user_buckets)
+    assert validation_recall(generator, data.valid) == pytest.approx(history["best_metric"], abs=1 / len(data.valid) + 1e-9)
 
 
 @pytest.mark.timeout(90)
 def test_fit_retriever_refuses_a_vocabulary_that_does_not_fit_the_sids(ray_local, tmp_path):
     from ray.train import TrainingFailedError
 
-    vocab, paths = _sid_table_and_interactions(tmp_path)
+    vocab, paths, _ = _sid_table_and_interactions(tmp_path)
     run = TrainRun(name=f"retriever-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "runs"), cpus_per_worker=WORKER_CPUS)
     # Checked on the driver, before any worker starts.
     with pytest.raises(ValueError, match="user tokens"):
-        fit_retriever(paths["sid_table"], paths["train"], paths["valid"], replace(_retriever_config(vocab), encoder_vocab_size=vocab),
+        fit_retriever(paths["sid_version"], paths["train"], paths["valid"], replace(_retriever_config(vocab), encoder_vocab_size=vocab),
                       TRAIN_CONFIG, run, sid_version="sids-v1")
     # Checked on the workers, which read the SID table: a vocabulary of level-1 codes only.
     with pytest.raises(TrainingFailedError, match="beyond the retriever's vocab_size"):
-        fit_retriever(paths["sid_table"], paths["train"], paths["valid"], _retriever_config(FIRST_CODE_TOKEN + 8), TRAIN_CONFIG,
+        fit_retriever(paths["sid_version"], paths["train"], paths["valid"], _retriever_config(FIRST_CODE_TOKEN + 8), TRAIN_CONFIG,
                       run, sid_version="sids-v1")
 
 

@@ -10,9 +10,15 @@ from hypothesis import strategies as st
 
 from sa2crq.ids.trie import EOS, PAD, SIDTrie
 from sa2crq.retrieval.beam import BeamResult, beam_search, score_sequences
-from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
+from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, RetrieverConfig
 
 ENCODER_VOCAB = 24
+# A catalog the encoder reads histories from: 10 items of two random tokens and EOS. Only the
+# encoder reads these tokens, so any token below ENCODER_VOCAB will do.
+N_ITEMS = 10
+ITEMS = ItemFeatures(
+    torch.cat([torch.randint(2, ENCODER_VOCAB, (N_ITEMS, 2), generator=torch.Generator().manual_seed(0)), torch.full((N_ITEMS, 1), EOS)], 1)
+)
 
 
 # Tiny models gain nothing from intra-op threads; on busy shared cores their spin-waits cost 100x.
@@ -39,9 +45,10 @@ def build_trie(sids: list[tuple[int, ...]], vocab_size: int) -> SIDTrie:
 
 def encode_random(model: GenerativeRetriever, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    enc = torch.randint(2, ENCODER_VOCAB, (batch, 5), generator=g)
-    enc[:, 3:] *= torch.randint(0, 2, (batch, 2), generator=g)  # ragged: some rows padded
-    return model.encode(enc)
+    history = torch.randint(0, N_ITEMS, (batch, 5), generator=g)
+    history[:, :2] = torch.where(torch.randint(0, 2, (batch, 2), generator=g).bool(), history[:, :2], -1)  # ragged: some rows padded
+    users = torch.randint(2, ENCODER_VOCAB, (batch,), generator=g)
+    return model.encode(history, users, ITEMS)
 
 
 def rows(result: BeamResult, b: int) -> list[tuple[tuple[int, ...], float, int, bool]]:
@@ -167,18 +174,22 @@ def test_validity_trie_walk_agrees_with_constraint_tracking():
 
 
 # -- (d) batching ------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_user", [False, True], ids=["no_user", "user"])
 @pytest.mark.parametrize("constrained", [True, False])
-def test_batched_equals_one_by_one(constrained):
+def test_batched_equals_one_by_one(constrained, with_user):
     vocab = 10
     trie = build_trie([(2, EOS), (2, 3, EOS), (2, 3, 4, EOS), (5, 6, EOS), (7, EOS), (8, 9, 2, EOS), (9, EOS)], vocab)
     model = tiny_model(vocab, seed=11)
-    enc = torch.tensor([[3, 4, 5, 6, 7], [8, 9, PAD, PAD, PAD], [10, 11, 12, PAD, PAD], [13, PAD, PAD, PAD, PAD]])
+    # Left-padded histories, with or without a user token in front: the padding items are squeezed
+    # out of the encoder input, so each row alone, unpadded, must give the same beams.
+    history = torch.tensor([[0, 1, 2, 3, 4], [-1, -1, -1, 5, 6], [-1, -1, 7, 8, 9], [-1, -1, -1, -1, 2]])
+    users = torch.tensor([20, 21, 22, 23]) if with_user else None
     kwargs = dict(beam_width=5, max_length=4, trie=trie if constrained else None, validity_trie=trie)
-    memory, mask = model.encode(enc)
+    memory, mask = model.encode(history, users, ITEMS)
     batched = beam_search(model, memory, mask, **kwargs)
-    for b in range(enc.shape[0]):
-        length = int((enc[b] != PAD).sum())
-        mem1, mask1 = model.encode(enc[b : b + 1, :length])
+    for b in range(history.shape[0]):
+        padding = int((history[b] < 0).sum())
+        mem1, mask1 = model.encode(history[b : b + 1, padding:], None if users is None else users[b : b + 1], ITEMS)
         single = beam_search(model, mem1, mask1, **kwargs)
         assert torch.equal(single.tokens[0], batched.tokens[b])
         torch.testing.assert_close(single.log_probs[0], batched.log_probs[b])

@@ -16,9 +16,12 @@ import torch
 from sa2crq.ids.trie import EOS, PAD, SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
 from sa2crq.retrieval.data import ItemIndex, Requests, query_requests, synthetic_queries
-from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
-from sa2crq.retrieval.scorer import BucketIndex
-from sa2crq.retrieval.training import RetrieverTrainConfig, make_batch, sequence_loss, train_retriever
+from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, RetrieverConfig
+from sa2crq.retrieval.scorer import ItemSIDs
+from sa2crq.retrieval.training import RetrieverTrainConfig, batch_losses, make_batch, train_retriever
+
+# Tiny models gain nothing from intra-op threads; on busy shared cores their spin-waits cost 100x.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_ITEMS, DIM, VOCAB = 40, 16, 15
 WORDS = np.array(["rose", "matte", "gel", "serum", "gloss", "velvet", "ocean", "silk", "amber", "mint", "glow", "pearl"])
@@ -68,10 +71,10 @@ def _train_and_generate(seed: int) -> tuple[dict, np.ndarray, int, float]:
     torch.manual_seed(seed)
     model = _model(DIM)
     config = RetrieverTrainConfig(epochs=6, batch_size=32, learning_rate=3e-3, warmup_steps=2, user_buckets=8, patience=6, seed=seed)
-    history = train_retriever(model, train, valid, torch.as_tensor(tokens), config, user_offset=VOCAB)
+    history = train_retriever(model, train, valid, ItemFeatures(torch.as_tensor(tokens)), config, user_offset=VOCAB)
     trie = SIDTrie.build(tokens, (tokens != PAD).sum(1), VOCAB)
     generator = CandidateGenerator(
-        model, tokens, trie, BucketIndex.build(trie.row_sid), embeddings, GenerationConfig(beam_width=4, k=5, batch_size=16),
+        model, tokens, trie, ItemSIDs.build(trie.row_sid), embeddings, GenerationConfig(beam_width=4, k=5, batch_size=16),
         user_offset=VOCAB, user_buckets=8,
     )
     candidates = generator.generate(valid)
@@ -99,12 +102,14 @@ def test_query_requests_refuse_a_history_beside_the_query():
 
 def test_query_path_trains_decodes_valid_sids_and_is_deterministic():
     history, items, invalid, hallucination = _train_and_generate(0)
-    assert history["train_loss"][-1] < history["train_loss"][0]
+    train_loss = [point["train_loss"] for point in history["curve"]]
+    assert len(train_loss) == 6 and train_loss[-1] < train_loss[0]  # evaluated once per epoch
     assert invalid == 0  # constrained decoding yields valid SIDs only
     assert ((items >= -1) & (items < N_ITEMS)).all() and (items[:, 0] >= 0).all()
     assert 0.0 <= hallucination <= 1.0
     again = _train_and_generate(0)
-    assert again[0]["train_loss"] == history["train_loss"] and np.array_equal(again[1], items)
+    assert [p["train_loss"] for p in again[0]["curve"]] == train_loss and np.array_equal(again[1], items)
+    assert again[0]["best_step"] == history["best_step"]
 
 
 def test_history_only_model_refuses_query_requests():
@@ -113,11 +118,12 @@ def test_history_only_model_refuses_query_requests():
     torch.manual_seed(0)
     model = _model(0)
     batch = make_batch(requests, np.arange(4), torch.as_tensor(tokens), user_offset=VOCAB, buckets=8)
+    assert batch.history is None and batch.users is None and batch.query.shape == (4, DIM)
     with pytest.raises(ValueError, match="no query input"):
-        sequence_loss(model, batch)
+        batch_losses(model, batch, ItemFeatures(torch.as_tensor(tokens)))
     trie = SIDTrie.build(tokens, (tokens != PAD).sum(1), VOCAB)
     generator = CandidateGenerator(
-        model, tokens, trie, BucketIndex.build(trie.row_sid), embeddings, GenerationConfig(), user_offset=VOCAB, user_buckets=8
+        model, tokens, trie, ItemSIDs.build(trie.row_sid), embeddings, GenerationConfig(), user_offset=VOCAB, user_buckets=8
     )
     with pytest.raises(ValueError, match="no query input"):
         generator.generate(requests)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sa2crq.ids.trie import EOS, PAD
-from sa2crq.retrieval.data import ItemIndex, Sequences, encoder_tokens, evaluation_requests, training_requests, user_token
-from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
-from sa2crq.retrieval.training import RetrieverTrainConfig, make_batch, train_retriever
+from sa2crq.retrieval.data import ItemIndex, Requests, Sequences, evaluation_requests, training_requests, user_token
+from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, RetrieverConfig
+from sa2crq.retrieval.training import RetrieverTrainConfig, batch_losses, make_batch, train_retriever
+
+# Tiny models gain nothing from intra-op threads; on busy shared cores their spin-waits cost 100x.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 INDEX = ItemIndex(np.array([30, 10, 20]))
 INTERACTIONS = pa.table({"user_id": [1, 1, 1, 2, 2], "item_id": [10, 20, 30, 30, 10], "timestamp": [0, 1, 2, 0, 1]})
@@ -32,9 +38,28 @@ def test_training_requests_slide_over_every_position():
 
 def test_evaluation_requests_use_the_whole_history_and_tolerate_unknown_users():
     seq = Sequences.from_interactions(INTERACTIONS, INDEX)
-    requests = evaluation_requests(seq, pa.table({"user_id": [2, 5, 1], "item_id": [20, 20, 10]}), INDEX, max_history=3)
+    targets = pa.table({"user_id": [2, 5, 1], "item_id": [20, 20, 10]})
+    requests = evaluation_requests(seq, targets, INDEX, max_history=3)
     assert requests.history.tolist() == [[-1, 0, 1], [-1, -1, -1], [1, 2, 0]]
     assert requests.target.tolist() == [2, 2, 1]
+    # A window shorter than the history: the encoder reads the last items, exclusion covers all of them.
+    short = evaluation_requests(seq, targets, INDEX, max_history=1)
+    assert short.history.tolist() == [[1], [-1], [0]]
+    indptr, items = short.history_csr()
+    assert indptr.tolist() == [0, 2, 2, 5] and items.tolist() == [0, 1, 1, 2, 0]
+    assert short.excluded_matrix(np.arange(3)).tolist() == [[0, 1, -1], [-1, -1, -1], [1, 2, 0]]
+    assert short.excluded_matrix(np.array([1])).tolist() == [[-1]]  # nothing to exclude: one padding slot
+    picked = short.subset(np.array([2, 0]))
+    assert picked.history.tolist() == [[0], [1]] and picked.target.tolist() == [1, 2]
+    assert picked.excluded_matrix(np.arange(2)).tolist() == [[1, 2, 0], [0, 1, -1]]
+
+
+def test_requests_without_an_exclusion_list_exclude_their_window():
+    requests = Requests(np.array([1, 2]), np.array([[-1, 3, 4], [-1, -1, -1]]), np.array([0, 1]))
+    assert requests.excluded_matrix(np.arange(2)).tolist() == [[3, 4], [-1, -1]]
+    assert requests.subset(np.array([0])).excluded is None
+    with pytest.raises(ValueError, match="excluded must be a CSR over R=2"):
+        Requests(np.array([1, 2]), np.zeros((2, 1), dtype=np.int64), np.array([0, 1]), excluded=(np.array([0, 1]), np.array([3])))
 
 
 def test_unsorted_interactions_are_refused():
@@ -42,9 +67,14 @@ def test_unsorted_interactions_are_refused():
         Sequences.from_interactions(INTERACTIONS.take(pa.array([3, 0, 4, 1, 2])), INDEX)
 
 
-def test_encoder_input_is_user_token_then_history_sids_without_padding():
-    tokens = encoder_tokens(torch.tensor([[-1, 0, 1], [-1, -1, -1]]), torch.tensor([100, 101]), SID_TOKENS)
-    assert tokens.tolist() == [[100, 5, EOS, 6, 7, EOS], [101, PAD, PAD, PAD, PAD, PAD]]
+def test_batches_carry_the_history_items_and_hashed_user_tokens():
+    requests = training_requests(Sequences.from_interactions(INTERACTIONS, INDEX), max_history=2)
+    batch = make_batch(requests, np.array([2, 0]), SID_TOKENS, user_offset=9, buckets=4)
+    # A batch carries the history items' dense indices, -1 padded on the left; the encoder spells out their SID tokens.
+    assert batch.history.tolist() == [[-1, 0], [-1, 1]]
+    assert batch.users.tolist() == user_token(np.array([2, 1]), 4, 9).tolist()
+    assert batch.target_index.tolist() == [1, 2] and batch.query is None
+    assert batch.target.tolist() == [[6, 7, EOS], [8, EOS, PAD]]
 
 
 def test_user_tokens_are_stable_and_in_range():
@@ -61,21 +91,34 @@ def test_batches_shift_the_target_right_with_pad_as_start():
     assert batch.decoder_input.tolist() == [[PAD, 8, EOS]]
 
 
-def _train(seed: int) -> dict[str, torch.Tensor]:
+TINY = dict(vocab_size=20, encoder_vocab_size=28, d_model=16, num_heads=2, head_dim=8, d_ff=32, encoder_layers=1, decoder_layers=1)
+
+
+def _data() -> tuple[Requests, ItemFeatures]:
+    """30 users of 6 random items each over a 40-item catalog with 2-token SIDs."""
     rng = np.random.default_rng(0)
     ids = np.arange(40)
     users = np.repeat(np.arange(30), 6)
     inter = pa.table({"user_id": users, "item_id": rng.integers(0, 40, len(users)), "timestamp": np.tile(np.arange(6), 30)})
-    index = ItemIndex(ids)
-    seq = Sequences.from_interactions(inter, index)
+    seq = Sequences.from_interactions(inter, ItemIndex(ids))
     tokens = torch.as_tensor(np.stack([2 + ids % 5, 7 + ids // 5, np.full(40, EOS)], 1))
+    return training_requests(seq, 4), ItemFeatures(tokens)
+
+
+def _train(seed: int) -> dict[str, torch.Tensor]:
+    requests, items = _data()
     torch.manual_seed(seed)
-    model = GenerativeRetriever(RetrieverConfig(vocab_size=20, encoder_vocab_size=28, d_model=16, num_heads=2, head_dim=8,
-                                                d_ff=32, encoder_layers=1, decoder_layers=1))
+    model = GenerativeRetriever(RetrieverConfig(**TINY))
     cfg = RetrieverTrainConfig(epochs=2, batch_size=32, warmup_steps=2, max_history=4, user_buckets=8, seed=seed)
-    requests = training_requests(seq, cfg.max_history)
-    history = train_retriever(model, requests, requests, tokens, cfg, user_offset=20)
-    assert history["valid_loss"][-1] < history["valid_loss"][0] or history["best_epoch"] >= 1
+    history = train_retriever(model, requests, requests, items, cfg, user_offset=20)
+    curve = history["curve"]
+    assert len(curve) == 2 and [p["step"] for p in curve] == [5, 10]  # evaluated once per epoch of 5 steps
+    assert curve[-1]["valid_loss"] < curve[0]["valid_loss"] or history["best_step"] > curve[0]["step"]
+    # Without ``select`` checkpoints are selected by the negated validation loss.
+    assert history["selected_by"] == "negative validation loss"
+    assert all(p["metric"] == -p["valid_loss"] for p in curve)
+    assert history["best_metric"] == max(p["metric"] for p in curve) == -history["best_valid_loss"]
+    assert history["steps"] == 10 and history["examples"] == 10 * 32 and history["examples_per_second"] > 0
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -83,3 +126,92 @@ def test_training_is_deterministic_under_a_seed():
     first, second, other = _train(0), _train(0), _train(1)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def _select_run(metrics: list[float], **config) -> tuple[dict, list[dict[str, torch.Tensor]], GenerativeRetriever]:
+    """Train with ``select`` returning the scripted ``metrics`` in turn; the model's weights at each call."""
+    requests, items = _data()
+    torch.manual_seed(0)
+    model = GenerativeRetriever(RetrieverConfig(**TINY))
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def select(m: GenerativeRetriever) -> float:
+        assert m is model
+        seen.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        return metrics[len(seen) - 1]
+
+    cfg = RetrieverTrainConfig(**{**dict(epochs=20, batch_size=16, warmup_steps=0, max_history=4, user_buckets=8, seed=0), **config})
+    history = train_retriever(model, requests, requests, items, cfg, user_offset=20, select=select)
+    return history, seen, model
+
+
+def test_checkpoint_selection_restores_the_best_scoring_weights_and_stops_on_patience():
+    history, seen, model = _select_run([0.1, 0.3, 0.2, 0.15, 0.9, 0.9], eval_every_steps=1, patience=2)
+    # Two evaluations without improving on the 2nd: stopped after the 4th, before the 0.9 could come.
+    assert len(seen) == 4 and history["steps"] == 4
+    assert [p["step"] for p in history["curve"]] == [1, 2, 3, 4]
+    assert [p["metric"] for p in history["curve"]] == [0.1, 0.3, 0.2, 0.15]
+    assert history["selected_by"] == "select"
+    assert history["best_step"] == 2 and history["best_metric"] == 0.3
+    assert history["best_valid_loss"] == history["curve"][1]["valid_loss"]
+    assert history["converged"] is True
+    # The weights seen at the best call are restored; training had moved them since.
+    restored = model.state_dict()
+    assert all(torch.equal(restored[k], seen[1][k]) for k in restored)
+    assert not all(torch.equal(seen[1][k], seen[3][k]) for k in restored)
+    assert all(math.isfinite(p["valid_loss"]) and p["train_seconds"] >= 0 for p in history["curve"])
+
+
+def test_a_still_rising_selection_metric_is_not_converged():
+    history, seen, model = _select_run([0.1, 0.2, 0.3, 0.4], eval_every_steps=1, patience=2, max_steps=4)
+    assert len(seen) == 4 and history["steps"] == 4
+    assert history["best_step"] == 4 and history["best_metric"] == 0.4
+    assert history["converged"] is False
+    restored = model.state_dict()
+    assert all(torch.equal(restored[k], seen[3][k]) for k in restored)
+
+
+def test_evaluations_every_few_steps_and_one_at_the_budget():
+    # 30 users x 5 requests = 150 requests, batches of 16: 10 steps an epoch; a budget of 7 steps.
+    history, seen, _ = _select_run([0.5, 0.4, 0.3, 0.2], eval_every_steps=3, patience=5, max_steps=7)
+    assert [p["step"] for p in history["curve"]] == [3, 6, 7]  # the last, partial interval is evaluated too
+    assert history["best_step"] == 3 and history["converged"] is True
+    assert [p["examples"] for p in history["curve"]] == [48, 96, 112]
+
+
+def test_batch_losses_add_the_dense_catalog_cross_entropy():
+    requests, items = _data()
+    torch.manual_seed(0)
+    model = GenerativeRetriever(RetrieverConfig(**TINY, dense_head=True, dropout=0.0)).eval()
+    batch = make_batch(requests, np.arange(8), items.tokens, user_offset=20, buckets=8)
+    sid_loss, n_tokens, dense_loss = batch_losses(model, batch, items)
+    memory, mask = model.encode(batch.history, batch.users, items)
+    logits = model.decode(memory, mask, batch.decoder_input)
+    assert n_tokens == 8 * 3  # two code tokens and EOS per target
+    torch.testing.assert_close(sid_loss, F.cross_entropy(logits.reshape(-1, 20), batch.target.reshape(-1), ignore_index=PAD, reduction="sum"))
+    # The rows' histories differ in SID tokens, so the memory is ragged (padding at the right): the
+    # dense head reads each row at its own last real position.
+    assert not mask.all() and torch.equal(mask, torch.arange(mask.shape[1]) < mask.sum(1, keepdim=True))
+    request = model.dense_projection(memory[torch.arange(8), mask.sum(1) - 1])
+    torch.testing.assert_close(model.dense_request(memory, mask), request)
+    dense = model.dense_logits(memory, mask, model.item_vectors(items))
+    torch.testing.assert_close(dense, request @ model.item_vectors(items).T)
+    torch.testing.assert_close(dense_loss, F.cross_entropy(dense, batch.target_index, reduction="sum"))
+    assert dense_loss > 0
+    # With sampled negatives: column 0 the target, then the negatives, a negative that is the row's own target left out.
+    negatives = torch.tensor([batch.target_index[0].item(), 39, 17])
+    sampled = (request @ model.item_vectors(items, negatives).T).masked_fill(negatives[None, :] == batch.target_index[:, None], float("-inf"))
+    scores = torch.cat([(request * model.item_vectors(items, batch.target_index)).sum(-1, keepdim=True), sampled], 1)
+    torch.testing.assert_close(batch_losses(model, batch, items, negatives)[2], F.cross_entropy(scores, torch.zeros(8, dtype=torch.long), reduction="sum"))
+    # Without a dense head the dense loss is zero.
+    torch.manual_seed(0)
+    plain = GenerativeRetriever(RetrieverConfig(**TINY)).eval()
+    assert batch_losses(plain, batch, items)[2] == 0
+
+
+def test_train_config_is_validated():
+    for bad in (dict(schedule="linear"), dict(select_users=0), dict(tune_users=0), dict(dense_loss_weight=-1.0), dict(eval_every_steps=-1)):
+        with pytest.raises(ValueError, match="retriever"):
+            RetrieverTrainConfig(**bad)
+    defaults = RetrieverTrainConfig()
+    assert (defaults.max_history, defaults.learning_rate, defaults.schedule, defaults.eval_every_steps) == (8, 2e-3, "constant", 0)

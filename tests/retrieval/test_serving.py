@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -11,13 +13,17 @@ from sa2crq.data.segments import assign_segments
 from sa2crq.ids.sid_table import assign_sids
 from sa2crq.ids.trie import SIDTrie
 from sa2crq.retrieval.candidates import GenerationConfig
-from sa2crq.retrieval.checkpoint import save_retriever
+from sa2crq.retrieval.checkpoint import load_retriever, save_retriever
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
+from sa2crq.retrieval.scorer import ScorerWeights
 from sa2crq.retrieval.serving import VersionMismatchError, load_server
 from sa2crq.storage import layout
 from sa2crq.storage.filesystem import write_parquet
 
 N, LEVELS, K = 60, 3, 4
+
+# Tiny models gain nothing from intra-op threads; on busy shared cores their spin-waits cost 100x.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +78,34 @@ def test_history_requests_keep_the_last_known_items_oldest_first_and_count_unkno
         assert 1 <= len(ids) <= 5 and len(ids) == len(set(ids)) == len(scores)
         assert set(ids) <= set(range(100, 100 + N)) and not set(ids) & set(history[-3:])
         assert scores == sorted(scores, reverse=True)
+
+
+def test_history_requests_exclude_the_whole_history_not_only_the_window(version):
+    sid_version, retriever = version
+    probe = load_server(sid_version, "v1", retriever, GenerationConfig(), device="cpu")
+    # A beam over every SID and k = the catalog: the candidates are every item the request does not exclude.
+    server = load_server(sid_version, "v1", retriever, GenerationConfig(beam_width=probe.catalog.trie.n_sids, k=N), device="cpu")
+    # Item 100 (dense index 0) stays out of it, so this does not hinge on the scorer's item-0 bug
+    # (test_scorer.py::test_item_zero_in_a_padded_history_is_excluded).
+    requests = pa.table({"request_id": pa.array([7], pa.int64()), "history": pa.array([[101, 102, 999, 103, 104]], pa.list_(pa.int64()))})
+    built, _ = server.history_requests(requests)
+    ids = set(server.candidates(np.array([7]), built).column("item_ids")[0].as_py())
+    assert not ids & {102, 103, 104}  # the window (max_history 3) is excluded
+    assert ids == set(range(100, 100 + N)) - {101, 102, 103, 104}  # item 101 is outside the window
+
+
+def test_the_scorer_weights_tuned_in_training_are_served_unless_switched_off(version, tmp_path):
+    sid_version, retriever = version
+    # The fixture's checkpoint records no tuned weights: the generation config's own are used.
+    assert load_server(sid_version, "v1", retriever, GenerationConfig(), device="cpu").generator.config.weights == GenerationConfig().weights
+    tuned = ScorerWeights(temperature=0.2, dense_weight=0.5, content_weight=2.0, dense_candidates=20)
+    checkpoint = load_retriever(retriever)
+    with_scorer = str(tmp_path / "tuned")
+    save_retriever(with_scorer, checkpoint.model, sid_version="v1", meta={**checkpoint.meta, "scorer": dataclasses.asdict(tuned)})
+    served = load_server(sid_version, "v1", with_scorer, GenerationConfig(beam_width=4, k=5), device="cpu").generator.config
+    assert served.weights == tuned and (served.beam_width, served.k) == (4, 5)
+    untuned = load_server(sid_version, "v1", with_scorer, GenerationConfig(tuned_scorer=False), device="cpu").generator.config
+    assert untuned.weights == GenerationConfig().weights
 
 
 def test_requests_with_a_null_id_or_history_are_refused_naming_the_rows(version):

@@ -12,9 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from sa2crq.ids.trie import EOS
+from sa2crq.ids.trie import EOS, PAD, SIDTrie
+from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig, validation_recall
 from sa2crq.retrieval.data import ItemIndex, Sequences, training_requests
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
+from sa2crq.retrieval.scorer import ItemSIDs
 from sa2crq.retrieval.training import RetrieverTrainConfig, train_retriever
 
 WORLD = 2
@@ -32,15 +34,25 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     try:
         torch.set_num_threads(1)
         ids = np.arange(30)
-        tokens = torch.as_tensor(np.stack([2 + ids % 5, 7 + ids // 5, np.full(30, EOS)], 1))
+        tokens = np.stack([2 + ids % 5, 7 + ids // 5, np.full(30, EOS)], 1)
+        embeddings = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
         torch.manual_seed(0)  # identical initial replicas, as DDP's broadcast would make them
-        model = GenerativeRetriever(RetrieverConfig(vocab_size=20, encoder_vocab_size=28, d_model=16, num_heads=2,
-                                                    head_dim=8, d_ff=32, encoder_layers=1, decoder_layers=1))
+        # Item content and a dense head: their gradients are averaged like the rest.
+        model = GenerativeRetriever(RetrieverConfig(vocab_size=20, encoder_vocab_size=28, item_content_dim=4, dense_head=True,
+                                                    d_model=16, num_heads=2, head_dim=8, d_ff=32, encoder_layers=1, decoder_layers=1))
         requests = _requests(rank)
-        cfg = RetrieverTrainConfig(epochs=2, batch_size=16, warmup_steps=2, max_history=4, user_buckets=8, seed=0)
-        history = train_retriever(model, requests, requests, tokens, cfg, user_offset=20)
+        trie = SIDTrie.build(tokens, (tokens != PAD).sum(1), 20)
+        generator = CandidateGenerator(model, tokens, trie, ItemSIDs.build(trie.row_sid), embeddings, GenerationConfig(beam_width=3, k=5),
+                                       user_offset=20, user_buckets=8)
+        # Selection by validation recall, pooled over the ranks' shards (each rank a few of its own requests).
+        select_requests = requests.subset(np.arange(10 + 5 * rank))
+        cfg = RetrieverTrainConfig(epochs=2, batch_size=16, warmup_steps=2, max_history=4, user_buckets=8, eval_every_steps=2, seed=0)
+        history = train_retriever(model, requests, requests, generator.items, cfg, user_offset=20,
+                                  select=lambda _: validation_recall(generator, select_requests))
         out = {f"w.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        out["valid_loss"] = torch.tensor(history["valid_loss"], dtype=torch.float64)
+        out["valid_loss"] = torch.tensor([p["valid_loss"] for p in history["curve"]], dtype=torch.float64)
+        out["metric"] = torch.tensor([p["metric"] for p in history["curve"]], dtype=torch.float64)
+        out["best_step"] = torch.tensor(history["best_step"])
         save_file(out, os.path.join(out_dir, f"rank{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
@@ -53,4 +65,8 @@ def test_replicas_stay_identical_and_validation_loss_is_pooled(tmp_path):
     for key in (k for k in ranks[0] if k.startswith("w.")):
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=1e-6, atol=1e-7)
     # Each rank validated on its own shard; the all-reduced loss is the same number on both.
+    assert len(ranks[0]["valid_loss"]) >= 2
     torch.testing.assert_close(ranks[0]["valid_loss"], ranks[1]["valid_loss"], rtol=0, atol=0)
+    # So is the pooled selection metric, hence the selected (restored) step.
+    torch.testing.assert_close(ranks[0]["metric"], ranks[1]["metric"], rtol=0, atol=0)
+    assert int(ranks[0]["best_step"]) == int(ranks[1]["best_step"])
