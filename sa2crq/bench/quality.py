@@ -80,7 +80,7 @@ class Profile:
 CPU_RETRIEVER = {"d_model": 64, "num_heads": 4, "head_dim": 16, "d_ff": 256, "encoder_layers": 2, "decoder_layers": 2,
                  "dropout": 0.0, "dense_head": True}  # fmt: skip
 CPU_TRAIN = RetrieverTrainConfig(epochs=10, batch_size=256, learning_rate=2e-3, warmup_steps=200, max_history=8,
-                                 eval_every_steps=400, patience=2, max_steps=1200, select_users=1000, tune_users=2000)  # fmt: skip
+                                 eval_every_steps=400, patience=2, max_steps=800, select_users=1000, tune_users=2000)  # fmt: skip
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
@@ -97,8 +97,8 @@ PROFILES: dict[str, Profile] = {
         max_eval_users=200,
         bootstrap_resamples=200,
     ),
-    # Sized so the three main variants, both runs and the k-NN row fit about an hour on 2 cores:
-    # 1,200 steps of 256 histories (2.3 epochs), checkpoints scored every 400 steps on 1,000
+    # Sized for about an hour on 2 cores for the three main variants, both runs and the k-NN row:
+    # 800 steps of 256 histories (1.6 epochs), checkpoints scored every 400 steps on 1,000
     # validation users, the scorer tuned on 2,000, run 1 scored on a seeded 10,000 of 22,363 users.
     "cpu": Profile(
         name="cpu",
@@ -179,24 +179,24 @@ def run_quality_benchmark(data_dir: Path, profile: Profile, out_path: Path, devi
             items, cold_only=True, limit=profile.max_eval_users, seed=profile.split_seed,
         ),
     ]
+    # The k-NN row first (seconds), then each variant; every row is compared with TIGER and k-NN as
+    # soon as both exist, so a run stopped early still holds complete, paired rows.
     per_request: dict[str, dict[str, list[np.ndarray]]] = {}
+    result["rows"][KNN_ROW], per_request[KNN_ROW] = _evaluate_knn(runs, profile, device)
     for variant in profile.variants:
         if variant == "rqkmeans" and not _has_faiss():
             result["rows"][variant] = {"skipped": "faiss is not installed on this machine"}
             _write(out_path, result)
             continue
-        row, arrays = _evaluate_variant(variant, runs, profile, device)
-        result["rows"][variant] = row
-        per_request[variant] = arrays
+        result["rows"][variant], per_request[variant] = _evaluate_variant(variant, runs, profile, device)
+        for reference, key in ((REFERENCE, "vs_tiger"), (KNN_ROW, "vs_knn")):
+            if reference not in per_request:
+                continue
+            for name, arrays in per_request.items():
+                if name != reference and key not in result["rows"][name]:
+                    result["rows"][name][key] = _bootstrap(arrays, per_request[reference], profile)
+        result["seconds"] = round(time.perf_counter() - started, 1)
         _write(out_path, result)
-    knn_row, knn_arrays = _evaluate_knn(runs, profile, device)
-    result["rows"][KNN_ROW] = knn_row
-    per_request[KNN_ROW] = knn_arrays
-    for reference, key in ((REFERENCE, "vs_tiger"), (KNN_ROW, "vs_knn")):
-        if reference in per_request:
-            for variant, arrays in per_request.items():
-                if variant not in (reference, KNN_ROW):
-                    result["rows"][variant][key] = _bootstrap(arrays, per_request[reference], profile)
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["plot"] = plot_learning_curves(result, out_path.with_suffix(".png"))
     _write(out_path, result)

@@ -18,8 +18,8 @@ from sa2crq.ids.trie import SIDTrie
 from sa2crq.retrieval.beam import beam_search
 from sa2crq.retrieval.data import Requests, user_token
 from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures
-from sa2crq.retrieval.training import RetrieverTrainConfig
 from sa2crq.retrieval.scorer import ItemSIDs, RequestFeatures, ScoredItems, ScorerWeights, request_embeddings, score_items
+from sa2crq.retrieval.training import RetrieverTrainConfig
 
 # Coordinate-ascent grid of :meth:`CandidateGenerator.tune`, one axis per scorer parameter.
 TUNING_GRID: dict[str, tuple[float, ...]] = {
