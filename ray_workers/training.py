@@ -35,7 +35,7 @@ from sa2crq.retrieval.checkpoint import load_retriever, save_retriever
 from sa2crq.data.embed import TextEmbedder
 from sa2crq.ids.trie import PAD, SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig, validation_recall, validation_samples
-from sa2crq.retrieval.data import ItemIndex, history_training_data, query_training_data
+from sa2crq.retrieval.data import ItemIndex, embeddings_in_index_order, history_training_data, query_training_data
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
 from sa2crq.retrieval.scorer import ItemSIDs
 from sa2crq.storage import layout
@@ -192,8 +192,9 @@ def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
     model = GenerativeRetriever(model_config).to(device)
     # The trie and the scorer's item map in the SID table's row order, the dense index the requests use.
     trie = SIDTrie.build(data.sid_tokens, (data.sid_tokens != PAD).sum(1), model_config.vocab_size)
+    embeddings = embeddings_in_index_order(tables["embeddings"], ItemIndex(tables["sid_table"].column("item_id").to_numpy(zero_copy_only=False)))
     generator = CandidateGenerator(
-        model, data.sid_tokens, trie, ItemSIDs.build(trie.row_sid), _embeddings_in_row_order(tables), GenerationConfig(),
+        model, data.sid_tokens, trie, ItemSIDs.build(trie.row_sid), embeddings, GenerationConfig(),
         user_offset=model_config.vocab_size, user_buckets=train_config.user_buckets, device=device,
     )  # fmt: skip
     valid = data.valid.subset(np.arange(rank, len(data.valid), world))
@@ -216,18 +217,6 @@ def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
         metrics, RETRIEVER_CHECKPOINT,
         lambda directory: save_retriever(directory, model.cpu(), sid_version=args["sid_version"], meta=meta),
     )
-
-
-def _embeddings_in_row_order(tables: dict[str, pa.Table]) -> np.ndarray:
-    """The SID version's item embeddings (N, D) in its SID table's row order."""
-    index = ItemIndex(tables["sid_table"].column("item_id").to_numpy(zero_copy_only=False))
-    embedded = tables["embeddings"]
-    if embedded.num_rows != len(index):
-        raise ValueError(f"{embedded.num_rows} item embeddings for {len(index)} items in the SID table")
-    vectors = list_matrix(embedded.column("embedding"))
-    out = np.empty(vectors.shape, dtype=np.float32)
-    out[index.lookup(embedded.column("item_id").to_numpy(zero_copy_only=False))] = vectors
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import torch
 
 from sa2crq.bench import hardware
 from sa2crq.config import SegmentConfig, TokenizerConfig
-from sa2crq.data.columns import list_matrix
 from sa2crq.data.datasets import read_interactions, read_items
 from sa2crq.data.segments import COLD, TAIL, assign_segments
 from sa2crq.data.splits import Split, cold_start_split, leave_one_out, popularity
@@ -37,7 +36,7 @@ from sa2crq.ids.trie import SIDTrie
 from sa2crq.metrics.bootstrap import paired_bootstrap
 from sa2crq.metrics.retrieval import RetrievalAccumulator
 from sa2crq.retrieval.candidates import Candidates, CandidateGenerator, GenerationConfig, validation_recall, validation_samples
-from sa2crq.retrieval.data import ItemIndex, Requests, Sequences, evaluation_requests, training_requests
+from sa2crq.retrieval.data import ItemIndex, Requests, Sequences, embeddings_in_index_order, evaluation_requests, training_requests
 from sa2crq.retrieval.knn import knn_topk
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
 from sa2crq.retrieval.scorer import ItemSIDs, ScorerWeights, request_embeddings, score_items
@@ -288,7 +287,7 @@ def _train_and_evaluate(
     # Seeded validation samples: one scores checkpoints, a larger one tunes the scorer.
     select_requests, tune_requests = validation_samples(valid_requests, train_cfg, seed=profile.split_seed)
 
-    embeddings = _embeddings_of(run.items, index)
+    embeddings = embeddings_in_index_order(run.items, index)
     torch.manual_seed(seed)
     model_config = RetrieverConfig(
         vocab_size=vocab.size, encoder_vocab_size=vocab.size + train_cfg.user_buckets,
@@ -371,7 +370,7 @@ def _evaluate_knn(runs: list[RunData], profile: Profile, device: str) -> tuple[d
     for run in runs:
         segments = assign_segments(item_ids, popularity(item_ids, run.split.train), SegmentConfig())
         requests = _test_requests(run, index, profile.train.max_history)
-        emb = torch.as_tensor(_embeddings_of(run.items, index))
+        emb = torch.as_tensor(embeddings_in_index_order(run.items, index))
         queries = request_embeddings(torch.as_tensor(requests.history), emb, profile.generation.request_last_n)
         top, _ = knn_topk(queries, emb, profile.generation.k, exclude=requests.history_csr(), device=device)
         metrics = _metrics(top, requests, segments)
@@ -414,13 +413,6 @@ def _bootstrap(arrays: dict[str, list[np.ndarray]], reference: dict[str, list[np
         groups = np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])
         out[key] = paired_bootstrap(a, b, n_resamples=profile.bootstrap_resamples, seed=0, groups=groups).to_dict()
     return out
-
-
-def _embeddings_of(items: pa.Table, index: ItemIndex) -> np.ndarray:
-    """Embeddings in the SID table's row order (the dense index)."""
-    emb = list_matrix(items.column("embedding")).astype(np.float32)
-    rows = ItemIndex(items.column("item_id").to_numpy()).lookup(index.item_ids)
-    return emb[rows]
 
 
 def _with_embeddings(items: pa.Table, embeddings: np.ndarray) -> pa.Table:

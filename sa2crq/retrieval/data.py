@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sa2crq.data.columns import list_matrix
 from sa2crq.ids.trie import EOS, PAD
 
 
@@ -54,6 +55,17 @@ class ItemIndex:
             missing = np.asarray(ids)[~known]
             raise ValueError(f"{len(missing)} interactions name items missing from the SID table, e.g. {missing[:5].tolist()}")
         return rows
+
+
+def embeddings_in_index_order(embedded: pa.Table, index: ItemIndex) -> np.ndarray:
+    """(N, D) float32: the ``embedding`` of every item of ``index`` from a table of ``item_id``,
+    ``embedding`` rows in any order (one per item), row i for dense index i."""
+    if embedded.num_rows != len(index):
+        raise ValueError(f"{embedded.num_rows} item embeddings for {len(index)} items")
+    vectors = list_matrix(embedded.column("embedding"))
+    out = np.empty(vectors.shape, dtype=np.float32)
+    out[index.lookup(embedded.column("item_id").to_numpy(zero_copy_only=False))] = vectors
+    return out
 
 
 @dataclass(frozen=True, eq=False)

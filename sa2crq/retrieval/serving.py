@@ -18,11 +18,10 @@ import pyarrow.compute as pc
 import torch
 
 from sa2crq.data.segments import segment_codes
-from sa2crq.data.columns import list_matrix
 from sa2crq.ids.trie import SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
 from sa2crq.retrieval.checkpoint import load_retriever
-from sa2crq.retrieval.data import ItemIndex, Requests, sid_token_matrix
+from sa2crq.retrieval.data import ItemIndex, Requests, embeddings_in_index_order, sid_token_matrix
 from sa2crq.retrieval.scorer import ItemSIDs, ScorerWeights
 from sa2crq.storage import layout
 from sa2crq.storage.filesystem import read_parquet
@@ -53,13 +52,7 @@ def load_catalog_view(sid_version_url: str) -> CatalogView:
     # Rows sorted by item id: the one row order every serving artifact uses.
     table = read_parquet(f"{sid_version_url}/{layout.SID_TABLE}", columns=["item_id", "sid", "segment"]).sort_by("item_id")
     index = ItemIndex(table.column("item_id").to_numpy(zero_copy_only=False))
-    embedded = read_parquet(f"{sid_version_url}/{layout.EMBEDDINGS}", columns=["item_id", "embedding"])
-    if embedded.num_rows != len(index):
-        raise ValueError(f"{sid_version_url}: {embedded.num_rows} embeddings for {len(index)} items")
-    rows = index.lookup(embedded.column("item_id").to_numpy(zero_copy_only=False))
-    vectors = list_matrix(embedded.column("embedding"))
-    embeddings = np.empty(vectors.shape, dtype=np.float32)
-    embeddings[rows] = vectors
+    embeddings = embeddings_in_index_order(read_parquet(f"{sid_version_url}/{layout.EMBEDDINGS}", columns=["item_id", "embedding"]), index)
     return CatalogView(index, sid_token_matrix(table.column("sid")), segment_codes(table.column("segment")), embeddings, SIDTrie.load(f"{sid_version_url}/{layout.TRIE}"))
 
 

@@ -5,8 +5,8 @@ model with a dense head, ``dense_loss_weight`` times the dense head's cross-entr
 against ``dense_negatives`` items drawn uniformly from the catalog for each step (shared by the
 batch; a drawn item equal to a row's target is masked for that row), or against the whole catalog
 when ``dense_negatives`` is 0. Uniform negatives estimate the full softmax without favouring
-popular items; on Beauty they cut the dense head's share of a CPU step from about half to a tenth. Each rank trains on its own
-shard of the examples with gradients averaged across ranks; every rank runs the same number of
+popular items; on Beauty's 12k items a 2-core step of 256 took 287 ms with 2,048 of them against
+348 ms with the whole catalog. Each rank trains on its own shard of the examples with gradients averaged across ranks; every rank runs the same number of
 steps.
 
 **Checkpoint selection** (DESIGN §5): every ``eval_every_steps`` optimiser steps (0: once per
