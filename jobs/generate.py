@@ -11,6 +11,7 @@ another SID version than the one served.
 from __future__ import annotations
 
 import logging
+import time
 
 import pyarrow.fs as pafs
 
@@ -55,6 +56,7 @@ def run_generate(config: GenerateConfig) -> JobSummary:
         run = {"retriever_version": retriever_version, "sid_version": sid_version, "request_kind": config.request_kind,
                "generation": config.generation.to_dict()}  # fmt: skip
         _pin_run(out, run)
+        started = time.perf_counter()
         result = map_shards(
             config.requests, f"{out}/{PARTS}", generate_stage,
             {
@@ -65,16 +67,19 @@ def run_generate(config: GenerateConfig) -> JobSummary:
             },
             desc="generate", **config.ray.actor_pool,
         )  # fmt: skip
+        seconds = time.perf_counter() - started
         if result.rows_in != result.rows_out:
             raise RuntimeError(f"generate: {result.rows_in} requests in but {result.rows_out} candidate rows out")
         summary = JobSummary("generate", publishes=False)
         summary.add("candidates", f"{out}/{PARTS}", result.rows_out)
         summary.notes.append(
             f"{result.shards_done} shards written, {result.shards_skipped} already committed and skipped "
-            f"(of {result.shards_total}); retriever {retriever_version} on SID version {sid_version}"
+            f"(of {result.shards_total}); retriever {retriever_version} on SID version {sid_version}; "
+            f"{seconds:.1f} s for the Ray Data stage (actor start-up, reads and writes included)"
         )
         summary.report = {**run, "shards": result.shards_total, "shards_done": result.shards_done,
-                          "shards_skipped": result.shards_skipped, "rows_written": result.rows_out}  # fmt: skip
+                          "shards_skipped": result.shards_skipped, "rows_written": result.rows_out,
+                          "stage_seconds": round(seconds, 2)}  # fmt: skip
         return summary
 
 

@@ -6,6 +6,7 @@ The ``sa2crq`` console script (:mod:`jobs.cli`) adds the distributed jobs to the
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -83,6 +84,18 @@ def add_library_commands(commands: argparse._SubParsersAction) -> None:
     quality.add_argument("--out", required=True, type=Path, help="JSON results file (rewritten after every row)")
     quality.add_argument("--device", help="torch device (default: cuda when available)")
     quality.set_defaults(run=_bench_quality)
+
+    generate = bench_kind.add_parser("generate", help="candidate-generation speed: fast beam search against the reference")
+    generate.add_argument("--shapes", nargs="+", default=["cpu", "tiger"], help="retriever shapes: cpu, tiger")
+    generate.add_argument("--beams", nargs="+", type=int, default=[10, 20, 50])
+    generate.add_argument("--batches", nargs="+", type=int, default=[1, 32, 256])
+    generate.add_argument("--implementations", nargs="+", default=["fast", "reference"])
+    generate.add_argument("--requests", type=int, default=512, help="requests timed per configuration (or --max-seconds)")
+    generate.add_argument("--max-seconds", type=float, default=10.0, help="stop timing a configuration after this (one batch at least)")
+    generate.add_argument("--device", default="cpu")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", type=Path, help="also write the JSON result here")
+    generate.set_defaults(run=_bench_generate)
 
 
 def _tokenize(args: argparse.Namespace) -> int:
@@ -171,6 +184,24 @@ def _bench_quality(args: argparse.Namespace) -> int:
           f"split seed {result['split_seed']}, {result['seconds']} s")
     print(format_quality_table(result))
     print(f"wrote {args.out}")
+    return 0
+
+
+def _bench_generate(args: argparse.Namespace) -> int:
+    from sa2crq.bench.generation_speed import format_generation_table, run_generation_benchmark
+
+    result = run_generation_benchmark(
+        shapes=args.shapes, beams=args.beams, batches=args.batches, implementations=args.implementations,
+        requests=args.requests, max_seconds=args.max_seconds, device=args.device, seed=args.seed,
+    )  # fmt: skip
+    allocator = ", ".join(f"{k}={v}" for k, v in result["allocator"].items())
+    print(f"{result['hardware']}, torch {result['torch']}, {result['threads']} threads, allocator {allocator}; "
+          f"{result['catalog']}, {result['history_items']}-item histories, seed {result['seed']}, {result['seconds']} s")
+    print(format_generation_table(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 

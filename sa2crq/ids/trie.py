@@ -24,7 +24,7 @@ Layout (CSR, all numpy; ``n_nodes`` nodes, ``n_edges = n_nodes - 1`` edges):
 
 Build: one lexicographic sort of the rows (columns packed into int64 keys), then a loop over
 depth only, where new prefix groups are runs of the sorted rows (no per-row or per-node loop).
-Decoding helpers (:meth:`SIDTrie.next_token_mask`, :meth:`SIDTrie.step`, :meth:`SIDTrie.sid_at`)
+Decoding helpers (:meth:`SIDTrie.children`, :meth:`SIDTrie.next_token_mask`, :meth:`SIDTrie.step`, :meth:`SIDTrie.sid_at`)
 are batched torch ops on the device of their input, with the arrays copied once per device and
 cached. ``step`` finds an edge by ``searchsorted`` on
 ``edge_keys = parent * vocab_size + token``, which is strictly increasing by construction.
@@ -70,11 +70,14 @@ class TorchTrie:
     """The arrays :class:`SIDTrie` needs for decoding, as int64 tensors on one device."""
 
     offsets: torch.Tensor
+    # Followed by max_fanout PADs, so a node's first max_fanout slots are always in range.
     child_tokens: torch.Tensor
     child_nodes: torch.Tensor
     edge_keys: torch.Tensor
     terminal_sid: torch.Tensor
     max_fanout: int
+    # Most children of any node at each depth (index = depth); a decode step's gather width.
+    depth_fanout: tuple[int, ...]
 
 
 def _lex_order(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -281,6 +284,13 @@ class SIDTrie:
         """int64 (n_edges,): ``parent * vocab_size + token``, strictly increasing."""
         return self.parent_of_edge * np.int64(self.vocab_size) + self.child_tokens.astype(np.int64)
 
+    @cached_property
+    def depth_fanout(self) -> np.ndarray:
+        """int64 (max_length + 1,): the most children of any node at each depth."""
+        out = np.zeros(self.max_length + 1, dtype=np.int64)
+        np.maximum.at(out, self.node_depth, np.diff(self.offsets))
+        return out
+
     # ------------------------------------------------------------ host-side
     def accepts(self, tokens_1d: Iterable[int]) -> bool:
         """True iff ``tokens_1d`` is exactly a SID in the trie (EOS included, no padding)."""
@@ -395,11 +405,12 @@ class SIDTrie:
 
             cached = TorchTrie(
                 offsets=t(self.offsets),
-                child_tokens=t(self.child_tokens),
+                child_tokens=t(np.concatenate([self.child_tokens, np.full(np.diff(self.offsets).max(initial=0), PAD)])),
                 child_nodes=t(self.child_nodes),
                 edge_keys=t(self.edge_keys),
                 terminal_sid=t(self.terminal_sid),
                 max_fanout=int(np.diff(self.offsets).max(initial=0)),
+                depth_fanout=tuple(int(x) for x in self.depth_fanout),
             )
             self._torch_cache[dev] = cached
         return cached
@@ -431,6 +442,29 @@ class SIDTrie:
             row = torch.arange(b, device=nodes.device)[:, None]
             mask[torch.where(ok, row * v + tok, b * v)] = True
         return mask[: b * v].view(*nodes.shape, v)
+
+    def children(self, nodes: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first ``width`` children of each node, gathered from the CSR arrays.
+
+        Returns their tokens (*nodes.shape, width), ascending; a bool mask of the same shape, True
+        in slots past the node's children (every slot of node -1), where the token is meaningless;
+        and (*nodes.shape) the node reached through slot 0: slot j leads to node ``first + j``
+        (breadth-first numbering). O(width) per node and no (..., vocab) mask: the sparse trie
+        step of beam search, with ``width`` the depth's largest fanout (:attr:`depth_fanout`).
+        """
+        tt = self.torch_arrays(nodes.device)
+        nodes = nodes.long()
+        valid = (nodes >= 0) & (nodes < self.n_nodes)
+        n = torch.where(valid, nodes, 0)
+        start = tt.offsets[n]
+        count = torch.where(valid, tt.offsets[n + 1] - start, 0)
+        slot = torch.arange(width, device=nodes.device)
+        past = slot >= count[..., None]
+        if width > tt.max_fanout:
+            raise ValueError(f"width {width} exceeds the trie's largest fanout {tt.max_fanout}")
+        edge = start[..., None] + slot  # in range: child_tokens is padded by max_fanout
+        tokens = tt.child_tokens.index_select(0, edge.view(-1)).view(edge.shape)
+        return tokens, past, start + 1  # edge e leads to node e + 1
 
     def step(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Node reached from ``nodes`` by ``tokens`` (broadcast together), -1 where no such edge."""

@@ -17,7 +17,7 @@ from sa2crq import distributed
 from sa2crq.ids.trie import SIDTrie
 from sa2crq.retrieval.beam import beam_search
 from sa2crq.retrieval.data import Requests, user_token
-from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures
+from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, mixed_precision
 from sa2crq.retrieval.scorer import ItemSIDs, RequestFeatures, ScoredItems, ScorerWeights, request_embeddings, score_items
 from sa2crq.retrieval.training import RetrieverTrainConfig
 
@@ -135,14 +135,15 @@ class CandidateGenerator:
         exclusions), and how many constrained beams were invalid (must be 0)."""
         item_vectors = self.model.item_vectors(self.items) if self.model.config.dense_head else None
         for rows in self._batches(requests):
-            request, memory, mask = self._encode(requests, rows)
-            beams = beam_search(
-                self.model, memory, mask, beam_width=self.config.beam_width, max_length=self.trie.max_length, trie=self.trie
-            )
+            with mixed_precision(self.device):
+                request, memory, mask = self._encode(requests, rows)
+                beams = beam_search(
+                    self.model, memory, mask, beam_width=self.config.beam_width, max_length=self.trie.max_length, trie=self.trie
+                )
+                dense = None if item_vectors is None else self.model.dense_logits(memory, mask, item_vectors)
             live = torch.isfinite(beams.log_probs)
-            dense = None
-            if item_vectors is not None:
-                dense = torch.log_softmax(self.model.dense_logits(memory, mask, item_vectors).float(), dim=1)
+            if dense is not None:
+                dense = torch.log_softmax(dense.float(), dim=1)
             excluded = torch.as_tensor(requests.excluded_matrix(rows), device=self.device)
             features = RequestFeatures(beams.sid_index, beams.log_probs, request @ self.item_embeddings.T, dense, excluded)
             yield features, int((live & (beams.sid_index < 0)).sum())
@@ -187,11 +188,12 @@ class CandidateGenerator:
         """Share of unconstrained beam outputs (finished beams) that are not a valid SID."""
         invalid, total = 0, 0
         for rows in self._batches(requests):
-            _, memory, mask = self._encode(requests, rows)
-            beams = beam_search(
-                self.model, memory, mask, beam_width=self.config.beam_width, max_length=self.trie.max_length,
-                trie=None, validity_trie=self.trie,
-            )
+            with mixed_precision(self.device):
+                _, memory, mask = self._encode(requests, rows)
+                beams = beam_search(
+                    self.model, memory, mask, beam_width=self.config.beam_width, max_length=self.trie.max_length,
+                    trie=None, validity_trie=self.trie,
+                )
             produced = torch.isfinite(beams.log_probs)
             invalid += int((produced & (beams.sid_index < 0)).sum())
             total += int(produced.sum())

@@ -191,7 +191,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
         """``attn_bias`` is additive, broadcastable to (B, H, Tq, Tk), masked entries at dtype min."""
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(kv)), self._heads(self.v(kv))
+        return self.attend(self._heads(self.q(x)), *self.keys_values(kv), attn_bias)
+
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``kv`` (B, Tk, d_model), each (B, H, Tk, head_dim)."""
+        return self._heads(self.k(kv)), self._heads(self.v(kv))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+        """Attention of queries (B, H, Tq, head_dim) over keys and values (B, H, Tk, head_dim),
+        projected back to (B, Tq, d_model)."""
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
         )
@@ -243,6 +251,13 @@ class DecoderLayer(nn.Module):
         x = x + self.dropout(self.self_attn(h, h, self_bias))
         x = x + self.dropout(self.cross_attn(self.cross_norm(x), memory, cross_bias))
         return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
+def mixed_precision(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA (training and generation alike); full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu", enabled=False)
 
 
 def _mask_value(dtype: torch.dtype) -> float:
@@ -442,3 +457,80 @@ class GenerativeRetriever(nn.Module):
         """Teacher-forced logits (B, T, vocab_size)."""
         memory, memory_mask = self.encode(history, users, items, query)
         return self.decode(memory, memory_mask, decoder_input)
+
+
+class IncrementalDecoder:
+    """:meth:`GenerativeRetriever.decode` one position at a time for the beams of a batch of requests.
+
+    Equal, up to float rounding, to decoding each beam's full prefix over a copy of its request's
+    memory (what :func:`sa2crq.retrieval.beam.reference_beam_search` does, the test oracle), at a
+    fraction of the cost:
+
+    * each decoder layer's cross-attention keys and values are projected once per request, and a
+      request's beams attend to them as the query positions of one attention call (no per-beam copy
+      of the memory);
+    * self-attention keys and values of earlier positions are cached, so a step computes one new
+      position per beam; :meth:`step` first gathers each beam's cache rows from its parent beam.
+
+    Inference only: the model must be in eval mode (no dropout), and no gradients flow.
+    """
+
+    def __init__(self, model: GenerativeRetriever, memory: torch.Tensor, memory_mask: torch.Tensor, max_length: int) -> None:
+        if model.training:
+            raise ValueError("IncrementalDecoder needs the model in eval mode")
+        self.model = model
+        with torch.no_grad():
+            self.cross = [layer.cross_attn.keys_values(memory) for layer in model.decoder_layers]
+        bias = torch.zeros(memory_mask.shape, dtype=memory.dtype, device=memory.device)
+        self.cross_bias = bias.masked_fill(~memory_mask, _mask_value(memory.dtype))[:, None, None, :]  # (B, 1, 1, S)
+        self.position_bias = model.decoder_position_bias(max_length, max_length, memory.device)  # (1, H, L, L)
+        # Per layer, position-major (t, B * W, H, head_dim), so reordering beams is one
+        # index_select per layer straight into the grown cache (no gather-then-concatenate copy).
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = 0
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, parent: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, W, vocab_size) of the next token after ``tokens`` (B, W), the token at position
+        ``self.length`` of each beam. ``parent`` (B, W): the beam (of the previous step) each beam
+        extends; None keeps the cache's beams as they are (the first step)."""
+        model, b, w = self.model, tokens.shape[0], tokens.shape[1]
+        t = self.length
+        if t >= self.position_bias.shape[-1]:
+            raise ValueError(f"decoding past max_length {self.position_bias.shape[-1]}")
+        if t > 0:  # the cache row each beam continues
+            cached_width = self.keys[0].shape[1] // b
+            if parent is None:
+                parent = torch.arange(w, device=tokens.device).expand(b, w)
+            # A first step may have run one beam per request; every beam then descends from it.
+            rows = (torch.arange(b, device=tokens.device)[:, None] * cached_width + parent.clamp(max=cached_width - 1)).reshape(-1)
+        self_bias = self.position_bias[:, :, t : t + 1, : t + 1]  # the new position sees 0..t
+        heads, head_dim = model.config.num_heads, model.config.head_dim
+        x = model.decoder_embedding(tokens)  # (B, W, d)
+        for i, layer in enumerate(model.decoder_layers):
+            attn = layer.self_attn
+            h = layer.self_norm(x).reshape(b * w, 1, -1)
+            new_k, new_v = (y.reshape(1, b * w, heads, head_dim) for y in attn.keys_values(h))
+            if t == 0:
+                k, v = new_k, new_v
+                self.keys.append(k)
+                self.values.append(v)
+            else:
+                k = self.keys[i] = self._grow(self.keys[i], new_k, rows)
+                v = self.values[i] = self._grow(self.values[i], new_v, rows)
+            out = attn.attend(attn._heads(attn.q(h)), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), self_bias)
+            x = x + out.view(b, w, -1)
+            cross = layer.cross_attn
+            x = x + cross.attend(cross._heads(cross.q(layer.cross_norm(x))), *self.cross[i], self.cross_bias)
+            x = x + layer.ff(layer.ff_norm(x))
+        self.length += 1
+        return model.output(model.decoder_norm(x))
+
+    @staticmethod
+    def _grow(cache: torch.Tensor, new: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``cache`` (t, R, H, D) with its rows reordered by ``rows`` and ``new`` (1, len(rows), H, D) appended."""
+        out = cache.new_empty((cache.shape[0] + 1, rows.numel(), *cache.shape[2:]))
+        torch.index_select(cache, 1, rows, out=out[:-1])
+        out[-1] = new[0]
+        return out

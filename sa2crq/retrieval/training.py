@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from sa2crq import distributed
 from sa2crq.ids.trie import PAD
 from sa2crq.retrieval.data import Requests, user_token
-from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures
+from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def batch_losses(
     """(summed SID token cross-entropy over non-PAD targets, number of such tokens, summed dense
     cross-entropy over the batch: 0 without a dense head). ``negatives`` (M,) dense item indices
     the dense head contrasts each target with; None: the whole catalog."""
-    with _autocast(batch.target.device):
+    with mixed_precision(batch.target.device):
         memory, mask = model.encode(batch.history, batch.users, items, batch.query)
         logits = model.decode(memory, mask, batch.decoder_input)
         dense = None
@@ -250,8 +250,3 @@ def _lr_factor(step: int, config: RetrieverTrainConfig, total: int) -> float:
     progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return torch.autocast(device_type="cpu", enabled=False)

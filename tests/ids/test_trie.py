@@ -123,6 +123,18 @@ def test_trie_matches_reference(case, extra_pad, rnd):
     # Batched step agrees with the mask (all nodes x all tokens in one call, 2-D broadcast).
     nxt = trie.step(nodes[:, None], torch.arange(v)[None, :])
     assert torch.equal(nxt >= 0, mask)
+    # The sparse step: each node's children, ascending; no real slot past its fanout (or for node -1).
+    depth_fanout = trie.depth_fanout
+    for depth in range(trie.max_length + 1):
+        at_depth = nodes[torch.from_numpy(trie.node_depth == depth)]
+        width = int(depth_fanout[depth])
+        assert width == max((len(ref[paths[int(n)]]) for n in at_depth), default=0)
+        child_tokens, past, first_child = trie.children(torch.cat([at_depth, torch.tensor([-1])]), width)
+        assert child_tokens.shape == past.shape == (at_depth.numel() + 1, width) and past[-1].all()
+        children = first_child[:, None] + torch.arange(width)
+        for n, toks, kids, is_child in zip(at_depth.tolist(), child_tokens, children, ~past):
+            assert toks[is_child].tolist() == sorted(ref[paths[n]])
+            assert torch.equal(kids[is_child], nxt[n, toks[is_child]])
 
     # Breadth-first numbering, ordered by (parent, token) within a depth.
     assert np.all(np.diff(trie.node_depth) >= 0)

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sa2crq.ids.trie import EOS, PAD, SIDTrie
-from sa2crq.retrieval.beam import BeamResult, beam_search, score_sequences
-from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, RetrieverConfig
+from sa2crq.retrieval.beam import BeamResult, beam_search, reference_beam_search, score_sequences, search_beams
+from sa2crq.retrieval.model import GenerativeRetriever, IncrementalDecoder, ItemFeatures, RetrieverConfig
 
 ENCODER_VOCAB = 24
 # A catalog the encoder reads histories from: 10 items of two random tokens and EOS. Only the
@@ -25,12 +25,12 @@ ITEMS = ItemFeatures(
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_model(vocab_size: int, seed: int) -> GenerativeRetriever:
+def tiny_model(vocab_size: int, seed: int, decoder_layers: int = 1) -> GenerativeRetriever:
     """Random untrained model in float64, so near-ties cannot flip between equivalent computations."""
     torch.manual_seed(seed)
     config = RetrieverConfig(
         vocab_size=vocab_size, encoder_vocab_size=max(ENCODER_VOCAB, vocab_size), d_model=16, num_heads=2,
-        head_dim=8, d_ff=32, encoder_layers=1, decoder_layers=1, dropout=0.0,
+        head_dim=8, d_ff=32, encoder_layers=1, decoder_layers=decoder_layers, dropout=0.0,
     )  # fmt: skip
     return GenerativeRetriever(config).double().eval()
 
@@ -195,6 +195,89 @@ def test_batched_equals_one_by_one(constrained, with_user):
         torch.testing.assert_close(single.log_probs[0], batched.log_probs[b])
         assert torch.equal(single.sid_index[0], batched.sid_index[b])
         assert torch.equal(single.finished[0], batched.finished[b])
+
+
+# -- (e) the fast path equals the straightforward oracle ------------------------------------------
+def assert_same_beams(fast: BeamResult, oracle: BeamResult) -> None:
+    assert torch.equal(fast.tokens, oracle.tokens)
+    torch.testing.assert_close(fast.log_probs, oracle.log_probs)
+    assert torch.equal(fast.sid_index, oracle.sid_index) and torch.equal(fast.finished, oracle.finished)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=tries(), extra_vocab=st.integers(0, 2), beam_width=st.integers(1, 12), extra_length=st.integers(0, 2),
+    constrained=st.booleans(), layers=st.integers(1, 2), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_fast_beam_search_equals_the_oracle(data, extra_vocab, beam_width, extra_length, constrained, layers, seed):
+    """Variable-length IDs (a short ID and longer IDs extending it), beams wider than the trie, a
+    larger model vocabulary, lengths past the deepest ID, and unconstrained decoding."""
+    trie, _ = data
+    model = tiny_model(trie.vocab_size + extra_vocab, seed, decoder_layers=layers)
+    memory, mask = encode_random(model, batch=3, seed=seed)
+    kwargs = dict(
+        beam_width=beam_width, max_length=trie.max_length + extra_length, trie=trie if constrained else None, validity_trie=trie
+    )  # fmt: skip
+    assert_same_beams(beam_search(model, memory, mask, **kwargs), reference_beam_search(model, memory, mask, **kwargs))
+
+
+def test_fast_beam_search_equals_the_oracle_on_a_catalog_with_buckets():
+    """A 4-level catalog of 400 items where many items share a SID (buckets) and IDs have 2 to 4
+    codes, searched at beam 20: the shape the product decodes."""
+    g = np.random.default_rng(3)
+    vocab, n_items = 40, 400
+    codes = g.integers(2, vocab, size=(n_items, 4))
+    lengths = g.integers(2, 5, size=n_items)
+    tokens = np.full((n_items, 5), PAD)
+    for i, (row, n) in enumerate(zip(codes, lengths)):
+        tokens[i, :n] = row[:n]
+        tokens[i, n] = EOS
+    tokens[200:] = tokens[g.integers(0, 200, size=200)]  # half the items fall into shared buckets
+    trie = SIDTrie.build(tokens, (tokens != PAD).sum(1), vocab)
+    assert trie.n_sids < n_items
+    model = tiny_model(vocab, seed=7, decoder_layers=2)
+    memory, mask = encode_random(model, batch=6, seed=7)
+    kwargs = dict(beam_width=20, max_length=trie.max_length, trie=trie)
+    fast = beam_search(model, memory, mask, **kwargs)
+    assert_same_beams(fast, reference_beam_search(model, memory, mask, **kwargs))
+    assert bool((fast.sid_index >= 0).all())
+
+
+def test_incremental_decoder_equals_full_decode():
+    """Logits of every step equal the full decoder over the prefix, including after beams are
+    reordered (each beam's cache comes from its parent)."""
+    model = tiny_model(12, seed=4, decoder_layers=2)
+    memory, mask = encode_random(model, batch=2, seed=4)
+    g = torch.Generator().manual_seed(4)
+    decoder = IncrementalDecoder(model, memory, mask, max_length=4)
+    prefix = torch.full((2, 1, 1), PAD)
+    logits = decoder.step(prefix[..., -1], None)
+    for _ in range(3):
+        expected = model.decode(memory.repeat_interleave(prefix.shape[1], 0), mask.repeat_interleave(prefix.shape[1], 0), prefix.flatten(0, 1))
+        torch.testing.assert_close(logits, expected[:, -1].view(2, prefix.shape[1], -1))
+        parent = torch.randint(0, prefix.shape[1], (2, 3), generator=g)
+        token = torch.randint(2, 12, (2, 3), generator=g)
+        prefix = torch.cat([prefix[torch.arange(2)[:, None], parent], token[..., None]], dim=-1)
+        logits = decoder.step(token, parent)
+
+
+def test_search_replays_recorded_logits():
+    """The loop depends on the model only through its logits: replaying a search's recorded logits
+    reproduces its beams (how the benchmark times the search alone)."""
+    trie = build_trie([(2, EOS), (2, 3, EOS), (2, 3, 4, EOS), (5, 6, EOS), (7, EOS), (8, 9, 2, EOS)], 10)
+    model = tiny_model(10, seed=8)
+    memory, mask = encode_random(model, batch=3, seed=8)
+    decoder = IncrementalDecoder(model, memory, mask, max_length=4)
+    recorded: list[torch.Tensor] = []
+
+    def record(tokens, parent):
+        recorded.append(decoder.step(tokens, parent))
+        return recorded[-1]
+
+    common = dict(batch=3, beam_width=4, max_length=4, trie=trie, device=memory.device, dtype=torch.float64)
+    searched = search_beams(record, **common)
+    replay = iter(recorded)
+    assert_same_beams(search_beams(lambda tokens, parent: next(replay), **common), searched)
 
 
 # -- details -----------------------------------------------------------------------------------
