@@ -185,17 +185,18 @@ class Attention(nn.Module):
         self.o = nn.Linear(inner, config.d_model, bias=False)
         self.dropout = config.dropout
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, num_heads * head_dim) -> (B, num_heads, N, head_dim)."""
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
         """``attn_bias`` is additive, broadcastable to (B, H, Tq, Tk), masked entries at dtype min."""
-        return self.attend(self._heads(self.q(x)), *self.keys_values(kv), attn_bias)
+        return self.attend(self.split_heads(self.q(x)), *self.keys_values(kv), attn_bias)
 
     def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``kv`` (B, Tk, d_model), each (B, H, Tk, head_dim)."""
-        return self._heads(self.k(kv)), self._heads(self.v(kv))
+        return self.split_heads(self.k(kv)), self.split_heads(self.v(kv))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
         """Attention of queries (B, H, Tq, head_dim) over keys and values (B, H, Tk, head_dim),
@@ -493,16 +494,16 @@ class IncrementalDecoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, parent: torch.Tensor | None) -> torch.Tensor:
         """Logits (B, W, vocab_size) of the next token after ``tokens`` (B, W), the token at position
-        ``self.length`` of each beam. ``parent`` (B, W): the beam (of the previous step) each beam
-        extends; None keeps the cache's beams as they are (the first step)."""
+        ``self.length`` of each beam. ``parent`` (B, W): the beam of the previous step each beam
+        extends (None at the first step)."""
         model, b, w = self.model, tokens.shape[0], tokens.shape[1]
         t = self.length
         if t >= self.position_bias.shape[-1]:
             raise ValueError(f"decoding past max_length {self.position_bias.shape[-1]}")
         if t > 0:  # the cache row each beam continues
-            cached_width = self.keys[0].shape[1] // b
             if parent is None:
-                parent = torch.arange(w, device=tokens.device).expand(b, w)
+                raise ValueError("every step after the first needs each beam's parent")
+            cached_width = self.keys[0].shape[1] // b
             # A first step may have run one beam per request; every beam then descends from it.
             rows = (torch.arange(b, device=tokens.device)[:, None] * cached_width + parent.clamp(max=cached_width - 1)).reshape(-1)
         self_bias = self.position_bias[:, :, t : t + 1, : t + 1]  # the new position sees 0..t
@@ -519,10 +520,10 @@ class IncrementalDecoder:
             else:
                 k = self.keys[i] = self._grow(self.keys[i], new_k, rows)
                 v = self.values[i] = self._grow(self.values[i], new_v, rows)
-            out = attn.attend(attn._heads(attn.q(h)), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), self_bias)
+            out = attn.attend(attn.split_heads(attn.q(h)), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), self_bias)
             x = x + out.view(b, w, -1)
             cross = layer.cross_attn
-            x = x + cross.attend(cross._heads(cross.q(layer.cross_norm(x))), *self.cross[i], self.cross_bias)
+            x = x + cross.attend(cross.split_heads(cross.q(layer.cross_norm(x))), *self.cross[i], self.cross_bias)
             x = x + layer.ff(layer.ff_norm(x))
         self.length += 1
         return model.output(model.decoder_norm(x))
