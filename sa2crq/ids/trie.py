@@ -403,14 +403,16 @@ class SIDTrie:
             def t(a: np.ndarray) -> torch.Tensor:
                 return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)
 
+            depth_fanout = tuple(int(x) for x in self.depth_fanout)
+            max_fanout = max(depth_fanout, default=0)
             cached = TorchTrie(
                 offsets=t(self.offsets),
-                child_tokens=t(np.concatenate([self.child_tokens, np.full(np.diff(self.offsets).max(initial=0), PAD)])),
+                child_tokens=t(np.concatenate([self.child_tokens, np.full(max_fanout, PAD)])),
                 child_nodes=t(self.child_nodes),
                 edge_keys=t(self.edge_keys),
                 terminal_sid=t(self.terminal_sid),
-                max_fanout=int(np.diff(self.offsets).max(initial=0)),
-                depth_fanout=tuple(int(x) for x in self.depth_fanout),
+                max_fanout=max_fanout,
+                depth_fanout=depth_fanout,
             )
             self._torch_cache[dev] = cached
         return cached

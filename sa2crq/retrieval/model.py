@@ -266,6 +266,12 @@ def _mask_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
+def _memory_padding_bias(memory_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, 1, S) additive cross-attention bias hiding the memory's padding positions."""
+    bias = torch.zeros(memory_mask.shape, dtype=dtype, device=memory_mask.device)
+    return bias.masked_fill(~memory_mask, _mask_value(dtype))[:, None, None, :]
+
+
 @dataclass(frozen=True, eq=False)
 class ItemFeatures:
     """What the retriever reads of every catalog item, addressed by dense index (the SID table row):
@@ -439,8 +445,7 @@ class GenerativeRetriever(nn.Module):
         bias = self.decoder_position_bias(t, t, x.device)  # (1, H, T, T)
         future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
         self_bias = bias.masked_fill(future, _mask_value(bias.dtype))
-        cross_bias = torch.zeros(memory_mask.shape, dtype=x.dtype, device=x.device)
-        cross_bias = cross_bias.masked_fill(~memory_mask, _mask_value(x.dtype))[:, None, None, :]  # (B, 1, 1, S)
+        cross_bias = _memory_padding_bias(memory_mask, x.dtype)
         x = self.dropout(x)
         for layer in self.decoder_layers:
             x = layer(x, self_bias, memory, cross_bias)
@@ -482,8 +487,7 @@ class IncrementalDecoder:
         self.model = model
         with torch.no_grad():
             self.cross = [layer.cross_attn.keys_values(memory) for layer in model.decoder_layers]
-        bias = torch.zeros(memory_mask.shape, dtype=memory.dtype, device=memory.device)
-        self.cross_bias = bias.masked_fill(~memory_mask, _mask_value(memory.dtype))[:, None, None, :]  # (B, 1, 1, S)
+        self.cross_bias = _memory_padding_bias(memory_mask, memory.dtype)
         self.position_bias = model.decoder_position_bias(max_length, max_length, memory.device)  # (1, H, L, L)
         # Per layer, position-major (t, B * W, H, head_dim), so reordering beams is one
         # index_select per layer straight into the grown cache (no gather-then-concatenate copy).
