@@ -4,7 +4,7 @@ validate (Spark) -> catalog split: popularity, segments, shards (Spark) -> embed
 train the tokenizer (Ray Train) or reuse a published one -> full-depth codes (Ray Data) ->
 SIDs: SARQ finalisation (Spark), or with a reused tokenizer the stability rule of DESIGN §3.3a
 (:func:`sa2crq.ids.stability.stable_assign_sids`) -> trie -> churn and remap against the parent
-version -> report -> publish.
+version (Spark) -> report -> publish.
 
 Everything is written under the new version's directory; the version becomes visible only when its
 manifest is written, last, and LATEST moves by compare-and-swap. A failed job discards its
@@ -26,7 +26,7 @@ from jobs.publishing import write_json
 from jobs.summary import JobSummary
 from sa2crq.data.columns import list_matrix
 from sa2crq.ids.sid_table import SIDVocabulary
-from sa2crq.ids.stability import PublishedSIDs, sid_churn, stable_assign_sids
+from sa2crq.ids.stability import PublishedSIDs, stable_assign_sids
 from sa2crq.data.segments import SEGMENT_NAMES, segment_codes
 from sa2crq.quantize.tokenizer import Tokenizer, load_tokenizer
 from sa2crq.retrieval.serving import build_serving_trie
@@ -152,10 +152,14 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     }
     churn = {"churn": 0.0}
     if parent is not None:
-        previous = read_parquet(f"{publisher.version_url(parent)}/{layout.SID_TABLE}", columns=["item_id", "sid"])
-        churn, remap = sid_churn(previous, table)
-        write_parquet(remap, f"{url}/{layout.REMAP}/part-00000.parquet")
-        summary.add("remap", f"{url}/{layout.REMAP}", remap.num_rows)
+        from jobs.spark_stability import sid_churn_spark
+
+        churn, remap = sid_churn_spark(
+            staging.read(spark, f"{publisher.version_url(parent)}/{layout.SID_TABLE}"),
+            staging.read(spark, f"{url}/{layout.SID_TABLE}"),
+        )
+        staging.write(remap, f"{url}/{layout.REMAP}")
+        summary.add("remap", f"{url}/{layout.REMAP}", churn["changed"] + churn["added"] + churn["removed"])
     report["churn"] = churn
     lap("report")
     report["seconds"] = timings
