@@ -85,6 +85,14 @@ def add_library_commands(commands: argparse._SubParsersAction) -> None:
     quality.add_argument("--device", help="torch device (default: cuda when available)")
     quality.set_defaults(run=_bench_quality)
 
+    epochs = bench_kind.add_parser("tokenizer-epochs", help="tokenizer reconstruction and code use against training epochs")
+    epochs.add_argument("--data", required=True, type=Path, help="directory with items.parquet and interactions.parquet")
+    epochs.add_argument("--methods", nargs="+", default=["tiger", "sa2crq"], help="methods with a learned tokenizer")
+    epochs.add_argument("--epochs", nargs="+", type=int, default=[5, 10, 25, 50, 100], help="rqvae.epochs budgets")
+    epochs.add_argument("--seed", type=int, default=0)
+    epochs.add_argument("--out", type=Path, help="also write the JSON result here")
+    epochs.set_defaults(run=_bench_tokenizer_epochs)
+
     generate = bench_kind.add_parser("generate", help="candidate-generation speed: fast beam search against the reference")
     generate.add_argument("--shapes", nargs="+", default=["cpu", "tiger"], help="retriever shapes: cpu, tiger")
     generate.add_argument("--beams", nargs="+", type=int, default=[10, 20, 50])
@@ -184,6 +192,15 @@ def _bench_quality(args: argparse.Namespace) -> int:
           f"split seed {result['split_seed']}, {result['seconds']} s")
     print(format_quality_table(result))
     print(f"wrote {args.out}")
+    return 0
+
+
+def _bench_tokenizer_epochs(args: argparse.Namespace) -> int:
+    from sa2crq.bench.tokenizer_epochs import format_tokenizer_epochs_table, run_tokenizer_epochs_benchmark
+
+    result = run_tokenizer_epochs_benchmark(args.data, args.methods, args.epochs, args.out, seed=args.seed)
+    print(f"{result['hardware']}, seed {result['seed']}, {result['seconds']} s")
+    print(format_tokenizer_epochs_table(result))
     return 0
 
 

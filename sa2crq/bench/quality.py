@@ -147,7 +147,7 @@ def run_quality_benchmark(data_dir: Path, profile: Profile, out_path: Path, devi
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     items = read_items(data_dir / "items.parquet")
     interactions = read_interactions(data_dir / "interactions.parquet")
-    embeddings = item_embeddings(items, _text_embedder(items))
+    embeddings = item_embeddings(items, text_embedder_for(items))
     items = _with_embeddings(items, embeddings)
     result: dict[str, Any] = {
         "profile": profile.name,
@@ -422,7 +422,8 @@ def _with_embeddings(items: pa.Table, embeddings: np.ndarray) -> pa.Table:
     return items.append_column("embedding", column)
 
 
-def _text_embedder(items: pa.Table):
+def text_embedder_for(items: pa.Table):
+    """None when every item carries its ``embedding``, else the MiniLM embedder (imported lazily)."""
     if "embedding" in items.column_names and items.column("embedding").null_count == 0:
         return None
     from sa2crq.data.embed import TextEmbedder
