@@ -147,8 +147,7 @@ def run_quality_benchmark(data_dir: Path, profile: Profile, out_path: Path, devi
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     items = read_items(data_dir / "items.parquet")
     interactions = read_interactions(data_dir / "interactions.parquet")
-    embeddings = item_embeddings(items, text_embedder_for(items))
-    items = _with_embeddings(items, embeddings)
+    items, _ = embedded_items(items)
     result: dict[str, Any] = {
         "profile": profile.name,
         "data": str(data_dir),
@@ -415,15 +414,18 @@ def _bootstrap(arrays: dict[str, list[np.ndarray]], reference: dict[str, list[np
     return out
 
 
-def _with_embeddings(items: pa.Table, embeddings: np.ndarray) -> pa.Table:
+def embedded_items(items: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """The items with every item's unit-norm content embedding in their ``embedding`` column (their
+    own where all have one, else MiniLM's of their text, imported lazily), and those (N, D)
+    embeddings: what every tokenizer and retriever of a benchmark reads, computed once."""
+    embeddings = item_embeddings(items, _text_embedder(items))
     column = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), embeddings.shape[1])
     if "embedding" in items.column_names:
-        return items.set_column(items.schema.get_field_index("embedding"), "embedding", column)
-    return items.append_column("embedding", column)
+        return items.set_column(items.schema.get_field_index("embedding"), "embedding", column), embeddings
+    return items.append_column("embedding", column), embeddings
 
 
-def text_embedder_for(items: pa.Table):
-    """None when every item carries its ``embedding``, else the MiniLM embedder (imported lazily)."""
+def _text_embedder(items: pa.Table):
     if "embedding" in items.column_names and items.column("embedding").null_count == 0:
         return None
     from sa2crq.data.embed import TextEmbedder

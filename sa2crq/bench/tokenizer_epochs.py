@@ -4,8 +4,8 @@ Fits each method's tokenizer on a catalog at several epoch budgets, each from th
 reports per budget what the quality profile depends on: full-depth reconstruction error of every
 item (mean ``||x - Dec(z_hat)||^2`` on the unit-norm content embeddings), per-level codebook
 utilisation and perplexity, the share of items whose full code path collides, and the wall time of
-the whole tokenization (fit, encode, SIDs). A budget past which these stop moving is enough; the ``cpu`` quality profile's budget is
-checked against it.
+the whole tokenization (fit, encode, SIDs). A budget past which these stop moving is enough; the
+``cpu`` quality profile's budget is checked against it.
 
 A budget ``e`` means ``rqvae.epochs = e``; for ACRQ methods phase 2 scales with it
 (``acrq.epochs_per_stage = max(1, round(e * ACRQ_STAGE_SHARE))``, the ``cpu`` profile's 25 : 6
@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from sa2crq.bench import hardware
-from sa2crq.bench.quality import text_embedder_for
+from sa2crq.bench.quality import embedded_items
 from sa2crq.config import TokenizerConfig
 from sa2crq.data.datasets import read_interactions, read_items
 from sa2crq.data.splits import leave_one_out
 from sa2crq.storage.reports import dumps_report
-from sa2crq.tokenize_catalog import item_embeddings, tokenize_catalog
+from sa2crq.tokenize_catalog import tokenize_catalog
 
 # Phase-2 epochs per curriculum stage per phase-1 epoch: the cpu profile's 6 per 25.
 ACRQ_STAGE_SHARE = 6 / 25
@@ -44,31 +44,31 @@ def run_tokenizer_epochs_benchmark(
     data_dir: Path, methods: list[str], budgets: list[int], out_path: Path | None = None, seed: int = 0
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    items = read_items(data_dir / "items.parquet")
+    # Embedded once, here: every fit reads the same `embedding` column.
+    items, embeddings = embedded_items(read_items(data_dir / "items.parquet"))
+    x = torch.as_tensor(embeddings, dtype=torch.float32)
     train = leave_one_out(read_interactions(data_dir / "interactions.parquet")).train
-    embedder = text_embedder_for(items)
-    embeddings = torch.as_tensor(item_embeddings(items, embedder), dtype=torch.float32)
     rows: list[dict[str, Any]] = []
     for method in methods:
+        base = TokenizerConfig.for_method(method)
+        if base.quantizer == "rqkmeans":
+            raise ValueError(f"{method}: residual k-means has no epochs to measure")
         for epochs in sorted(budgets):
-            base = TokenizerConfig.for_method(method)
-            if base.quantizer == "rqkmeans":
-                raise ValueError(f"{method}: residual k-means has no epochs to measure")
             config = base.with_overrides({**epoch_overrides(base, epochs), "rqvae.seed": seed})
             tokenize_started = time.perf_counter()
-            result = tokenize_catalog(items, train, config, embedder=embedder)
+            result = tokenize_catalog(items, train, config, embedder=None)
             seconds = time.perf_counter() - tokenize_started
             report = result.report
             model = result.tokenizer.model
-            # Rows in the order the tokenizer saw them: the validated catalog, all of it here.
-            valid_ids = result.items.valid.column("item_id").to_numpy(zero_copy_only=False)
-            if len(valid_ids) != len(embeddings):
-                raise ValueError(f"{len(embeddings) - len(valid_ids)} items were rejected; the benchmark needs a clean catalog")
+            # The tokenizer saw the validated catalog: the same rows as `x` only when nothing was rejected.
+            rejected = items.num_rows - result.items.valid.num_rows
+            if rejected:
+                raise ValueError(f"{rejected} items were rejected; the benchmark needs a clean catalog")
             rows.append({
                 "method": method,
                 "epochs": epochs,
                 "acrq_epochs_per_stage": config.acrq.epochs_per_stage if config.quantizer == "acrq" else None,
-                "reconstruction_error": float(model.reconstruction_error(embeddings).mean()),
+                "reconstruction_error": float(model.reconstruction_error(x).mean()),
                 "utilisation": [round(level["utilisation"], 4) for level in report["codebook"]],
                 "perplexity": [round(level["perplexity"], 1) for level in report["codebook"]],
                 "full_path_collision_rate": report["full_path_collision_rate"],

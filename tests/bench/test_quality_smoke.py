@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
 
 from sa2crq.cli import main
-from tests.pipeline.test_tokenize_cli import catalog_tables
+from tests.pipeline.test_tokenize_cli import write_catalog
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quality")
-    items, interactions = catalog_tables(n=400, seed=2)
-    pq.write_table(items, root / "items.parquet")
-    pq.write_table(interactions, root / "interactions.parquet")
+    root = write_catalog(tmp_path_factory.mktemp("quality"), n=400, seed=2)
     assert main(["--log-level", "WARNING", "bench", "quality", "--data", str(root), "--profile", "smoke", "--out", str(root / "q.json")]) == 0
     return json.loads((root / "q.json").read_text())
 

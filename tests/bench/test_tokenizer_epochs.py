@@ -5,21 +5,16 @@ from __future__ import annotations
 import json
 import math
 
-import pyarrow.parquet as pq
 import pytest
 
 from sa2crq.bench.tokenizer_epochs import run_tokenizer_epochs_benchmark
 from sa2crq.cli import main
-from tests.pipeline.test_tokenize_cli import catalog_tables
+from tests.pipeline.test_tokenize_cli import write_catalog
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("epochs")
-    items, interactions = catalog_tables(n=300, seed=3)
-    pq.write_table(items, root / "items.parquet")
-    pq.write_table(interactions, root / "interactions.parquet")
-    return root
+    return write_catalog(tmp_path_factory.mktemp("epochs"), n=300, seed=3)
 
 
 def test_one_row_per_method_and_budget_with_what_the_profile_needs(data_dir, capsys):

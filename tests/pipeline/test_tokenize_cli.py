@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +41,15 @@ def catalog_tables(n: int = 600, seed: int = 0) -> tuple[pa.Table, pa.Table]:
         }
     )
     return items, interactions
+
+
+
+def write_catalog(root: Path, n: int, seed: int) -> Path:
+    """:func:`catalog_tables` as ``root/items.parquet`` and ``root/interactions.parquet``; returns ``root``."""
+    items, interactions = catalog_tables(n=n, seed=seed)
+    pq.write_table(items, root / "items.parquet")
+    pq.write_table(interactions, root / "interactions.parquet")
+    return root
 
 
 @pytest.fixture(scope="module")
