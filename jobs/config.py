@@ -143,6 +143,7 @@ class IngestConfig:
     max_reject_fraction: float = 0.05
     embedding_cache: str | None = ".cache/embeddings"
     storage: StorageConfig = field(default_factory=StorageConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:

@@ -32,11 +32,14 @@ def spark_session(config: SparkConfig, app: str) -> Iterator["SparkSession"]:
     if config.master.startswith("local"):
         # An embedded Spark talks to itself only; a cluster driver needs its real address.
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        yield active
+    # A Spark already running in this process (a test's, spark-submit's, another job thread's) is
+    # shared and left running. getActiveSession() alone is per thread: a job on a second thread
+    # would "create" the running session again and stop it under the first.
+    if SparkContext._active_spark_context is not None:
+        yield SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
         return
     session = (
         SparkSession.builder.master(config.master)

@@ -1,9 +1,9 @@
 """``sa2crq ingest``: cold-start ingestion of a batch of new items.
 
 validate -> drop items already published (an exact re-send changes nothing) -> embed and encode
-with the published tokenizer (Ray Data) -> SIDs consistent with the published table: every
+with the published tokenizer (Ray Data) -> SIDs consistent with the published table (Spark): every
 published item keeps its SID, new items are placed against the published occupancy
-(:func:`sa2crq.ids.stability.stable_assign_sids` with every published item pinned) -> publish a new
+(:func:`jobs.spark_stability.stable_sids_spark` with every published item pinned) -> publish a new
 version holding the full table and the delta.
 
 Two ingests may run at once: each builds on the LATEST it read, and the publisher's
@@ -21,16 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.config import IngestConfig
-from sa2crq.config import SIDConfig, build_config
-from jobs.engines import copy_tree, ray_runtime, remove_tree
+from jobs.engines import SparkStaging, copy_tree, ray_runtime, remove_tree, spark_session
 from jobs.object_store import object_store
 from jobs.publishing import resolve_version, write_json
 from jobs.summary import JobSummary
-from sa2crq.data.columns import list_matrix
-from sa2crq.data.segments import COLD, SEGMENT_NAMES, segment_codes
+from sa2crq.config import SIDConfig, build_config
+from sa2crq.data.segments import COLD, SEGMENT_NAMES
 from sa2crq.data.validation import validate_items, write_rejects
 from sa2crq.ids.sid_table import SIDVocabulary
-from sa2crq.ids.stability import PublishedSIDs, stable_assign_sids
 from sa2crq.retrieval.serving import build_serving_trie
 from sa2crq.storage import layout
 from sa2crq.storage.filesystem import read_parquet, write_parquet
@@ -38,25 +36,33 @@ from sa2crq.storage.publish import ConcurrentPublishError, Publisher
 
 log = logging.getLogger(__name__)
 
+
 def run_ingest(config: IngestConfig, *, attempts: int = 5) -> JobSummary:
     storage = config.storage
-    with object_store(storage), ray_runtime(config.ray):
+    with object_store(storage), spark_session(config.spark, "ingest") as spark, ray_runtime(config.ray):
         publisher = Publisher(storage.sids)
         for attempt in range(1, attempts + 1):
             parent = resolve_version(publisher, None, "SID", hint="ingest adds to a published catalog: run `sa2crq recode` first")
             version = publisher.new_version()
+            staging = SparkStaging(config.spark)
             try:
-                return _ingest(config, publisher, parent, version)
+                return _ingest(config, spark, staging, publisher, parent, version)
             except ConcurrentPublishError:
                 log.info("ingest: LATEST moved while building on %s (attempt %d of %d); rebuilding on the new one", parent, attempt, attempts)
                 publisher.discard(version)
             except BaseException:
                 publisher.discard(version)
                 raise
+            finally:
+                staging.cleanup()
         raise ConcurrentPublishError(f"ingest: LATEST kept moving; nothing published after {attempts} attempts")
 
 
-def _ingest(config: IngestConfig, publisher: Publisher, parent: str, version: str) -> JobSummary:
+def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publisher, parent: str, version: str) -> JobSummary:
+    from pyspark.sql import functions as F
+
+    from jobs.spark_sarq import sid_table
+    from jobs.spark_stability import stable_sids_spark
     from ray_workers.shards import map_shards
     from ray_workers.stages import embed_stage, encode_stage
 
@@ -64,10 +70,13 @@ def _ingest(config: IngestConfig, publisher: Publisher, parent: str, version: st
     work = f"{url}/{layout.WORK}"
     summary = JobSummary("ingest", version)
 
+    # The batch (intra-day, not catalog-sized) is validated in this process; the published table stays in Spark.
     items = validate_items(read_parquet(config.items), max_reject_fraction=config.max_reject_fraction)
-    published = read_parquet(f"{parent_url}/{layout.SID_TABLE}", columns=list(layout.SID_TABLE_COLUMNS))
-    already = pc.is_in(items.valid.column("item_id"), value_set=published.column("item_id").combine_chunks())
-    new_items = items.valid.filter(pc.invert(already))
+    published = staging.read(spark, f"{parent_url}/{layout.SID_TABLE}")
+    batch_ids = spark.createDataFrame(items.valid.select(["item_id"]).to_pandas(), schema=published.select("item_id").schema)
+    already_ids = published.select("item_id").join(batch_ids, "item_id").toArrow().column("item_id").combine_chunks()
+    id_type = items.valid.schema.field("item_id").type
+    new_items = items.valid.filter(pc.invert(pc.is_in(items.valid.column("item_id"), value_set=already_ids.cast(id_type))))
     n_already = items.valid.num_rows - new_items.num_rows
     report = {"parent": parent, "input": items.counts, "already_published": n_already, "new_items": new_items.num_rows}
     if new_items.num_rows == 0:
@@ -90,42 +99,38 @@ def _ingest(config: IngestConfig, publisher: Publisher, parent: str, version: st
     map_shards(f"{url}/{layout.EMBEDDINGS}", f"{work}/codes", encode_stage, {"tokenizer_url": f"{url}/{layout.TOKENIZER}"}, desc="encode", **pool)
     copy_tree(f"{parent_url}/{layout.EMBEDDINGS}", f"{url}/{layout.EMBEDDINGS}")
 
-    # SIDs: published items pinned, new ones placed against their occupancy.
-    codes = read_parquet(f"{work}/codes")
-    previous = PublishedSIDs.from_arrow(published)
-    new_codes = list_matrix(codes.column("codes"))
+    # SIDs (Spark): published items pinned, new ones placed against their occupancy, under the SID
+    # rules the published version was built with.
     parent_meta = publisher.manifest(parent).meta
-    # New items follow the SID rules the published version was built with.
     sid_config = build_config(SIDConfig, parent_meta["sid_config"])
-    table, stats = stable_assign_sids(
-        previous,
-        np.concatenate([previous.item_ids, codes.column("item_id").to_numpy(zero_copy_only=False)]),
-        np.concatenate([previous.codes, new_codes]),
-        np.concatenate([previous.popularity, np.zeros(codes.num_rows, dtype=np.int64)]),
-        np.concatenate([segment_codes(published.column("segment")), np.full(codes.num_rows, COLD, dtype=np.int8)]),
-        SIDVocabulary.from_dict(parent_meta["vocab"]).codebook_sizes,
-        sid_config,
-        pin_all_previous=True,
-    )
-    full = table.to_arrow().select(list(layout.SID_TABLE_COLUMNS))
-    delta = full.filter(pc.is_in(full.column("item_id"), value_set=codes.column("item_id").combine_chunks()))
-    write_parquet(full, f"{url}/{layout.SID_TABLE}/part-00000.parquet")
-    write_parquet(delta, f"{url}/{layout.DELTA}/part-00000.parquet")
-    trie = build_serving_trie(full, table.vocab.size)
+    vocab = SIDVocabulary.from_dict(parent_meta["vocab"])
+    columns = ["item_id", F.col("codes").cast("array<int>").alias("codes"), F.col("popularity").cast("long").alias("popularity"), "segment"]
+    new_codes = staging.read(spark, f"{work}/codes").select(*columns)
+    catalog = published.select(*columns).unionByName(new_codes)
+    finalised, stats = stable_sids_spark(published, catalog, len(vocab.codebook_sizes), sid_config, pin_all_previous=True)
+    staging.write(sid_table(finalised, vocab).select(*layout.SID_TABLE_COLUMNS), f"{url}/{layout.SID_TABLE}")
+    delta = staging.read(spark, f"{url}/{layout.SID_TABLE}").join(new_codes.select("item_id"), "item_id")
+    staging.write(delta, f"{url}/{layout.DELTA}")
+    delta_counts = staging.read(spark, f"{url}/{layout.DELTA}").agg(
+        F.count(F.lit(1)).alias("rows"), F.count_if(F.col("bucket_size") > 1).alias("from_buckets")
+    ).first()
+    # The trie still reads (item_id, sid) of the whole table into this process.
+    trie = build_serving_trie(read_parquet(f"{url}/{layout.SID_TABLE}", columns=["item_id", "sid"]), vocab.size)
     trie.save(f"{url}/{layout.TRIE}")
     write_rejects(items, f"{url}/{layout.REJECTS}/items/part-00000.parquet")
     remove_tree(work)
 
-    report |= {"pinned": stats.pinned, "placed": stats.placed, "delta_rows": delta.num_rows,
-               "delta_from_buckets": int((delta.column("bucket_size").to_numpy() > 1).sum())}  # fmt: skip
+    rows = stats["pinned"] + stats["placed"]
+    report |= {"pinned": stats["pinned"], "placed": stats["placed"], "delta_rows": int(delta_counts["rows"]),
+               "delta_from_buckets": int(delta_counts["from_buckets"])}  # fmt: skip
     write_json(f"{url}/{layout.REPORT}", report)
-    publisher.publish(version, parent=parent, meta={"job": "ingest", "items": full.num_rows, "vocab": parent_meta["vocab"],
+    publisher.publish(version, parent=parent, meta={"job": "ingest", "items": rows, "vocab": parent_meta["vocab"],
                                                     "sid_config": parent_meta["sid_config"]})  # fmt: skip
     summary.published = True
     summary.report = report
-    summary.add("sid table", f"{url}/{layout.SID_TABLE}", full.num_rows)
-    summary.add("delta", f"{url}/{layout.DELTA}", delta.num_rows)
-    summary.add("embeddings", f"{url}/{layout.EMBEDDINGS}", full.num_rows)
+    summary.add("sid table", f"{url}/{layout.SID_TABLE}", rows)
+    summary.add("delta", f"{url}/{layout.DELTA}", int(delta_counts["rows"]))
+    summary.add("embeddings", f"{url}/{layout.EMBEDDINGS}", rows)
     summary.add("trie", f"{url}/{layout.TRIE}", trie.n_sids, unit="SIDs")
     summary.add("rejected items", f"{url}/{layout.REJECTS}/items", items.counts["rejected"])
     summary.add("report", f"{url}/{layout.REPORT}")

@@ -2,9 +2,8 @@
 
 validate (Spark) -> catalog split: popularity, segments, shards (Spark) -> embed (Ray Data) ->
 train the tokenizer (Ray Train) or reuse a published one -> full-depth codes (Ray Data) ->
-SIDs: SARQ finalisation (Spark), or with a reused tokenizer the stability rule of DESIGN §3.3a
-(:func:`sa2crq.ids.stability.stable_assign_sids`) -> trie -> churn and remap against the parent
-version (Spark) -> report -> publish.
+SIDs: SARQ finalisation, or with a reused tokenizer the stability rule of DESIGN §3.3a (Spark) ->
+trie -> churn and remap against the parent version (Spark) -> report -> publish.
 
 Everything is written under the new version's directory; the version becomes visible only when its
 manifest is written, last, and LATEST moves by compare-and-swap. A failed job discards its
@@ -24,14 +23,12 @@ from jobs.engines import SparkStaging, copy_tree, ray_runtime, remove_tree, spar
 from jobs.object_store import object_store
 from jobs.publishing import write_json
 from jobs.summary import JobSummary
-from sa2crq.data.columns import list_matrix
 from sa2crq.ids.sid_table import SIDVocabulary
-from sa2crq.ids.stability import PublishedSIDs, stable_assign_sids
-from sa2crq.data.segments import SEGMENT_NAMES, segment_codes
+from sa2crq.data.segments import SEGMENT_NAMES
 from sa2crq.quantize.tokenizer import Tokenizer, load_tokenizer
 from sa2crq.retrieval.serving import build_serving_trie
 from sa2crq.storage import layout
-from sa2crq.storage.filesystem import read_parquet, write_parquet
+from sa2crq.storage.filesystem import read_parquet
 from sa2crq.storage.publish import Publisher
 
 log = logging.getLogger(__name__)
@@ -121,17 +118,21 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     _check_rows("encode", encoded.rows_in, encoded.rows_out, items.counts["rows_out"])
     lap("encode")
 
-    # 6. SIDs.
+    # 6. SIDs (Spark): SARQ finalisation, or with a reused tokenizer the stability rule against the parent.
+    from jobs.spark_sarq import finalise_sids, sid_table
+    from jobs.spark_stability import stable_sids_spark
+
     vocab = SIDVocabulary(tokenizer.codebook_sizes(), config.tokenizer.sid.digit_vocab)
+    levels = len(tokenizer.codebook_sizes())
+    codes = staging.read(spark, f"{url}/{layout.CODES}")
     stability: dict[str, Any] = {}
     if config.reuse_tokenizer is not None and parent is not None:
-        stability = _stable_sids(config, publisher.version_url(parent), url, tokenizer)
+        previous = staging.read(spark, f"{publisher.version_url(parent)}/{layout.SID_TABLE}")
+        finalised, counts = stable_sids_spark(previous, codes, levels, config.tokenizer.sid)
+        stability = {**counts, "hysteresis_levels": config.tokenizer.sid.hysteresis_levels}
     else:
-        from jobs.spark_sarq import finalise_sids, sid_table
-
-        codes = staging.read(spark, f"{url}/{layout.CODES}")
-        finalised = finalise_sids(codes, len(tokenizer.codebook_sizes()), config.tokenizer.sid)
-        staging.write(sid_table(finalised, vocab).select(*layout.SID_TABLE_COLUMNS), f"{url}/{layout.SID_TABLE}")
+        finalised = finalise_sids(codes, levels, config.tokenizer.sid)
+    staging.write(sid_table(finalised, vocab).select(*layout.SID_TABLE_COLUMNS), f"{url}/{layout.SID_TABLE}")
     lap("sids")
 
     # 7. Trie.
@@ -204,25 +205,6 @@ def _tokenizer(config: RecodeConfig, publisher: Publisher, version: str, target:
     tokenizer = fit_tokenizer(f"{publisher.version_url(version)}/{layout.EMBEDDINGS}", config.tokenizer, run)
     tokenizer.save(target)
     return tokenizer
-
-
-def _stable_sids(config: RecodeConfig, parent_url: str, url: str, tokenizer: Tokenizer) -> dict[str, Any]:
-    """SIDs that keep the parent's wherever the stability rule allows (DESIGN §3.3a)."""
-    codes = read_parquet(f"{url}/{layout.CODES}")
-    previous = PublishedSIDs.from_arrow(read_parquet(f"{parent_url}/{layout.SID_TABLE}", columns=list(layout.SID_TABLE_COLUMNS)))
-    table, stats = stable_assign_sids(
-        previous,
-        codes.column("item_id").to_numpy(zero_copy_only=False),
-        list_matrix(codes.column("codes")),
-        codes.column("popularity").to_numpy(zero_copy_only=False),
-        segment_codes(codes.column("segment")),
-        tokenizer.codebook_sizes(),
-        config.tokenizer.sid,
-    )
-    write_parquet(table.to_arrow().select(list(layout.SID_TABLE_COLUMNS)), f"{url}/{layout.SID_TABLE}/part-00000.parquet")
-    return {"pinned": stats.pinned, "placed": stats.placed, "moved_by_hysteresis": stats.moved_by_hysteresis,
-            "new_items": stats.new_items, "removed_items": stats.removed_items,
-            "hysteresis_levels": config.tokenizer.sid.hysteresis_levels}  # fmt: skip
 
 
 def _sid_statistics(sids, vocab: SIDVocabulary) -> dict[str, Any]:

@@ -23,26 +23,31 @@ from sa2crq.quantize.sarq import default_tau, keep_threshold
 
 
 def finalise_sids(items: DataFrame, levels: int, config: SIDConfig) -> DataFrame:
-    weighted = items.withColumn("weight", F.col("popularity").cast("long") + F.lit(config.epsilon))
-    totals = weighted.agg(F.sum("weight").alias("total"), F.count(F.lit(1)).alias("n")).first()
-    if config.adaptive_length:
-        tau = config.tau if config.tau is not None else default_tau(int(totals["n"]))
-        threshold = keep_threshold(int(totals["total"]), tau)
-        depth = _sarq_depths(weighted, levels, threshold, config)
-    else:
-        depth = weighted.withColumn("code_depth", F.lit(levels))
-    return _digits(depth, levels, config).drop("weight")
+    return _digits(sarq_depths(items, levels, config), levels, config)
 
 
-def _prefix(depth: int | F.Column) -> F.Column:
+def sarq_depths(items: DataFrame, levels: int, config: SIDConfig) -> DataFrame:
+    """``items`` plus ``code_depth``: the SARQ length of :func:`sa2crq.quantize.sarq.sarq_lengths`,
+    bucket cap included (full depth for fixed-length configs)."""
+    if not config.adaptive_length:
+        return items.withColumn("code_depth", F.lit(levels))
+    totals = items.agg(F.sum(F.col("popularity").cast("long") + F.lit(config.epsilon)).alias("total"), F.count(F.lit(1)).alias("n")).first()
+    tau = config.tau if config.tau is not None else default_tau(int(totals["n"]))
+    return _bucket_cap(kept_depths(items, levels, keep_threshold(int(totals["total"]), tau), config), levels, config)
+
+
+def code_prefix(depth: int | F.Column) -> F.Column:
+    """The first ``depth`` codes of an item's ``codes``."""
     return F.slice("codes", 1, depth)
 
 
-def _sarq_depths(items: DataFrame, levels: int, threshold: int, config: SIDConfig) -> DataFrame:
-    """len = number of depths whose prefix mass reaches the threshold, clipped to [L_min, L_max];
-    masses never grow with depth, so the kept depths are a prefix and a count is enough."""
-    per_level = items.select("item_id", "weight", "codes", F.explode(F.sequence(F.lit(1), F.lit(levels))).alias("level"))
-    per_level = per_level.withColumn("prefix", _prefix(F.col("level")))
+def kept_depths(items: DataFrame, levels: int, threshold: int, config: SIDConfig) -> DataFrame:
+    """``items`` plus ``code_depth``: the number of depths whose prefix traffic mass reaches
+    ``threshold``, clipped to [L_min, L_max], before the bucket cap. Masses never grow with depth, so
+    the kept depths are a prefix and a count is enough."""
+    weighted = items.withColumn("weight", F.col("popularity").cast("long") + F.lit(config.epsilon))
+    per_level = weighted.select("item_id", "weight", "codes", F.explode(F.sequence(F.lit(1), F.lit(levels))).alias("level"))
+    per_level = per_level.withColumn("prefix", code_prefix(F.col("level")))
     masses = per_level.groupBy("level", "prefix").agg(F.sum("weight").alias("mass"))
     kept = (
         per_level.join(masses, ["level", "prefix"])
@@ -50,11 +55,14 @@ def _sarq_depths(items: DataFrame, levels: int, threshold: int, config: SIDConfi
         .agg(F.sum(F.when(F.col("mass") >= threshold, 1).otherwise(0)).alias("kept"))
     )
     clipped = F.least(F.greatest(F.col("kept"), F.lit(config.min_length)), F.lit(levels))
-    result = items.join(kept, "item_id").withColumn("code_depth", clipped).drop("kept")
-    # Bucket cap, shallow levels first: an over-full truncated bucket deepens by one level.
+    return items.join(kept, "item_id").withColumn("code_depth", clipped).drop("kept")
+
+
+def _bucket_cap(result: DataFrame, levels: int, config: SIDConfig) -> DataFrame:
+    """Shallow levels first: an over-full truncated bucket deepens by one level."""
     for depth in range(1, levels):
         sized = result.withColumn(
-            "bucket", F.count(F.lit(1)).over(Window.partitionBy("code_depth", _prefix(F.col("code_depth"))))
+            "bucket", F.count(F.lit(1)).over(Window.partitionBy("code_depth", code_prefix(F.col("code_depth"))))
         )
         result = sized.withColumn(
             "code_depth",
@@ -67,7 +75,7 @@ def _sarq_depths(items: DataFrame, levels: int, threshold: int, config: SIDConfi
 
 def _digits(items: DataFrame, levels: int, config: SIDConfig) -> DataFrame:
     """Disambiguation digits, ranked by popularity (descending) then item id, per shared SID."""
-    group = Window.partitionBy("code_depth", _prefix(F.col("code_depth")))
+    group = Window.partitionBy("code_depth", code_prefix(F.col("code_depth")))
     ranked = items.withColumn("group_size", F.count(F.lit(1)).over(group)).withColumn(
         "rank", F.row_number().over(group.orderBy(F.col("popularity").desc(), F.col("item_id").asc())) - 1
     )
@@ -91,7 +99,7 @@ def sid_table(finalised: DataFrame, vocab: SIDVocabulary) -> DataFrame:
     (:class:`sa2crq.ids.sid_table.SIDVocabulary`): ``sid`` (codes kept, the digit if any, EOS),
     ``sid_len`` (tokens before EOS) and ``bucket_size`` (items sharing the SID)."""
     offsets = F.array(*[F.lit(int(o)) for o in vocab.level_offsets])
-    code_tokens = F.transform(_prefix(F.col("code_depth")), lambda code, level: code + F.element_at(offsets, level + 1))
+    code_tokens = F.transform(code_prefix(F.col("code_depth")), lambda code, level: code + F.element_at(offsets, level + 1))
     digit = F.when(F.col("digit") >= 0, F.array(F.col("digit") + F.lit(vocab.digit_offset))).otherwise(F.array().cast("array<int>"))
     with_sid = finalised.withColumn("sid", F.concat(code_tokens.cast("array<int>"), digit.cast("array<int>"), F.array(F.lit(EOS))))
     return (

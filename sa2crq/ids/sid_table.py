@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from sa2crq.config import SIDConfig
+from sa2crq.data.columns import list_column
 from sa2crq.data.segments import SEGMENT_NAMES
 from sa2crq.ids.trie import EOS, PAD
 from sa2crq.quantize.sarq import prefix_group_ids, sarq_lengths
@@ -85,8 +86,7 @@ class SIDTable:
     def to_arrow(self) -> pa.Table:
         n_tokens = self.sid_len + 1
         mask = np.arange(self.tokens.shape[1])[None, :] < n_tokens[:, None]
-        offsets = np.concatenate([[0], np.cumsum(n_tokens)]).astype(np.int32)
-        sid = pa.ListArray.from_arrays(pa.array(offsets), pa.array(self.tokens[mask].astype(np.int32)))
+        sid = list_column(n_tokens, self.tokens[mask].astype(np.int32))
         levels = self.codes.shape[1]
         codes = pa.FixedSizeListArray.from_arrays(pa.array(self.codes.reshape(-1).astype(np.int32)), levels)
         return pa.table(

@@ -194,7 +194,7 @@ def evaluation_requests(history: Sequences, targets: pa.Table, index: ItemIndex,
 def sid_token_matrix(sid: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """(N, T) int64 SID token rows from the SID table's ``sid`` list column (EOS-terminated), PAD-filled
     on the right to the longest SID: the matrix the requests' dense item indices address."""
-    sid = sid.combine_chunks() if isinstance(sid, pa.ChunkedArray) else sid
+    # Chunk by chunk: one combined list array cannot address 2^31 tokens (sa2crq.data.columns).
     if sid.null_count:
         raise ValueError(f"the SID table has {sid.null_count} items without a SID")
     lengths = pc.list_value_length(sid).to_numpy(zero_copy_only=False).astype(np.int64)

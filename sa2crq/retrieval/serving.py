@@ -44,7 +44,7 @@ class CatalogView:
 
 def build_serving_trie(sid_table: pa.Table, vocab_size: int) -> SIDTrie:
     """The trie of a SID table (``item_id``, ``sid``), its rows in serving order (sorted by item id)."""
-    sid = sid_table.sort_by("item_id").column("sid").combine_chunks()
+    sid = sid_table.sort_by("item_id").column("sid")
     return SIDTrie.build(sid_token_matrix(sid), pc.list_value_length(sid).to_numpy(zero_copy_only=False), vocab_size)
 
 

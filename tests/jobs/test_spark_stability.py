@@ -1,16 +1,20 @@
-"""Spark SID churn and remap equal the library's single-process sid_churn, bit for bit."""
+"""Spark stable SIDs (recode with a reused tokenizer), churn and remap equal the library's single-process
+stable_assign_sids and sid_churn, bit for bit."""
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs.spark_stability import sid_churn_spark
+from jobs.spark_sarq import sid_table
+from jobs.spark_stability import sid_churn_spark, stable_sids_spark
 from sa2crq.config import SIDConfig
 from sa2crq.data.segments import TAIL
 from sa2crq.ids.sid_table import assign_sids
-from sa2crq.ids.stability import sid_churn
+from sa2crq.ids.stability import PublishedSIDs, sid_churn, stable_assign_sids
 
 K, LEVELS = 4, 3  # few codes: shared prefixes, truncated buckets and digits in a tiny catalog
 CONFIG = SIDConfig(max_bucket=4)
@@ -156,3 +160,105 @@ def test_repeated_or_null_ids_raise_like_the_library(spark):
             sid_churn(old, new)
         with pytest.raises(ValueError, match=f"the {side} SID table repeats item ids"):
             sid_churn_spark(_frame(spark, old), _frame(spark, new))
+
+
+# The recode rule under each kind of SID config: hysteresis of one level and of none, fixed length with
+# a digit on every item and a digit vocabulary small enough to overflow, one item per ID.
+STABLE_CASES = {
+    "sarq": SIDConfig(max_bucket=20),
+    "sarq-no-hysteresis": SIDConfig(max_bucket=20, hysteresis_levels=0),
+    "fixed-digits": SIDConfig(adaptive_length=False, always_digit=True, digit_vocab=5),
+    "one-per-id": SIDConfig(max_bucket=20, one_item_per_id=True, digit_vocab=256),
+}
+STABLE_K = 6  # 216 leaves for 600 items: truncated buckets at the cap, shared leaves, digits
+
+
+def _inputs(config: SIDConfig, job: str, n: int = 600):
+    """A published table and the catalog of the next job. A recode: items leave (digit gaps), change
+    codes or popularity (depths move within and past the hysteresis), and new items arrive. An
+    ingest: every published item as published, plus new items of popularity 0."""
+    rng = np.random.default_rng(11)
+    ids = rng.permutation(10 * n)[:n].astype(np.int64) * 10**10  # past int32
+    codes = rng.integers(0, STABLE_K, size=(n, LEVELS))
+    pop = (rng.pareto(1.1, n) * 3).astype(np.int64) * (rng.random(n) < 0.7)
+    pop[:10] = 5000
+    previous = assign_sids(ids, codes, pop, np.full(n, TAIL), (STABLE_K,) * LEVELS, config)
+    fresh_ids = (np.arange(60) + 1) * 10**10 + 3
+    fresh_codes = rng.integers(0, STABLE_K, size=(60, LEVELS))
+    if job == "ingest":
+        return previous, np.concatenate([ids, fresh_ids]), np.concatenate([codes, fresh_codes]), np.concatenate([pop, np.zeros(60, dtype=np.int64)])
+    keep = rng.random(n) < 0.85
+    new_codes = codes.copy()
+    moved = rng.random(n) < 0.1
+    new_codes[moved] = rng.integers(0, STABLE_K, size=(int(moved.sum()), LEVELS))
+    new_pop = np.where(rng.random(n) < 0.3, pop * rng.integers(0, 30, n), pop)
+    new_pop[rng.random(n) < 0.05] = 5000  # cold to hot: two levels deeper, past a one-level hysteresis
+    cat_ids = np.concatenate([ids[keep], fresh_ids])
+    cat_codes = np.concatenate([new_codes[keep], fresh_codes])
+    cat_pop = np.concatenate([new_pop[keep], rng.integers(0, 20, 60)])
+    return previous, cat_ids, cat_codes, cat_pop
+
+
+def _catalog_frame(spark, ids, codes, pop):
+    rows = [(int(i), [int(c) for c in row], int(p), "tail") for i, row, p in zip(ids, codes, pop)]
+    return spark.createDataFrame(rows, "item_id long, codes array<int>, popularity long, segment string")
+
+
+def _library(previous, ids, codes, pop, config, levels=LEVELS, **kwargs):
+    published = PublishedSIDs.from_arrow(previous.to_arrow())
+    return stable_assign_sids(published, ids, codes, pop, np.full(len(ids), TAIL), (STABLE_K,) * levels, config, **kwargs)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("job", ["recode", "ingest"])
+@pytest.mark.parametrize("case", list(STABLE_CASES))
+def test_spark_stable_sids_equal_the_library(spark, case, job):
+    config = STABLE_CASES[case]
+    ingest = job == "ingest"
+    previous, ids, codes, pop = _inputs(config, job)
+    expected, expected_stats = _library(previous, ids, codes, pop, config, pin_all_previous=ingest)
+    # The case exercises every branch of its job: kept, placed, new, and for a recode removed and
+    # moved past the hysteresis (where there is one).
+    assert min(expected_stats.pinned, expected_stats.placed, expected_stats.new_items) > 0
+    if not ingest:
+        assert expected_stats.removed_items > 0 and (expected_stats.moved_by_hysteresis > 0 or not config.adaptive_length)
+
+    finalised, stats = stable_sids_spark(
+        _frame(spark, previous.to_arrow()), _catalog_frame(spark, ids, codes, pop), LEVELS, config, pin_all_previous=ingest
+    )
+    assert stats == asdict(expected_stats)
+    got = sid_table(finalised, expected.vocab).select("item_id", "code_depth", "digit", "sid", "bucket_size").toPandas()
+    got = got.set_index("item_id").loc[ids]
+    np.testing.assert_array_equal(got["code_depth"].to_numpy(), expected.code_depth)
+    np.testing.assert_array_equal(got["digit"].to_numpy(), expected.digit)
+    assert [list(s) for s in got["sid"]] == expected.to_arrow().column("sid").to_pylist()
+    np.testing.assert_array_equal(got["bucket_size"].to_numpy(), expected.bucket_size)
+
+
+@pytest.mark.timeout(300)
+def test_spark_stable_sids_refuse_what_the_library_refuses(spark):
+    config = STABLE_CASES["sarq"]
+    previous, ids, codes, pop = _inputs(config, "recode")
+    published = _frame(spark, previous.to_arrow())
+
+    def both(catalog_ids, catalog_codes, catalog_pop, cfg=config, levels=LEVELS, ingest=False) -> str:
+        with pytest.raises(ValueError) as library:
+            _library(previous, catalog_ids, catalog_codes, catalog_pop, cfg, levels, pin_all_previous=ingest)
+        with pytest.raises(ValueError) as spark_error:
+            frame = _catalog_frame(spark, catalog_ids, catalog_codes, catalog_pop)
+            stable_sids_spark(published, frame, levels, cfg, pin_all_previous=ingest)
+        assert str(spark_error.value) == str(library.value)
+        return str(library.value)
+
+    assert "appears more than once in the catalog" in both(np.append(ids, ids[0]), np.vstack([codes, codes[:1]]), np.append(pop, 0))
+    below = int(previous.digit.max())
+    assert f"beyond sid.digit_vocab {below}" in both(ids, codes, pop, SIDConfig(max_bucket=20, digit_vocab=below))
+    assert "code levels" in both(ids, np.hstack([codes, codes[:, :1]]), pop, levels=LEVELS + 1)
+    # An ingest changes no published item and drops none (one offending item: both name it).
+    _, ingest_ids, ingest_codes, ingest_pop = _inputs(config, "ingest")
+    altered = ingest_pop.copy()
+    altered[5] += 1
+    assert f"item {int(ingest_ids[5])} is already published" in both(ingest_ids, ingest_codes, altered, ingest=True)
+    assert f"published item {int(ingest_ids[7])} is missing" in both(
+        np.delete(ingest_ids, 7), np.delete(ingest_codes, 7, axis=0), np.delete(ingest_pop, 7), ingest=True
+    )

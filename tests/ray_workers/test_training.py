@@ -13,6 +13,7 @@ import torch
 from jobs.object_store import ensure_bucket
 from ray_workers.training import REPLICA_FINGERPRINTS, TrainRun, _replica_fingerprints, fit_retriever, fit_tokenizer
 from sa2crq.config import SegmentConfig, SIDConfig
+from sa2crq.data.columns import list_column
 from sa2crq.data.segments import SEGMENT_NAMES, assign_segments
 from sa2crq.ids.sid_table import FIRST_CODE_TOKEN, assign_sids
 from sa2crq.ids.trie import PAD, SIDTrie
@@ -167,3 +168,8 @@ def test_sid_token_matrix_reproduces_the_sid_tables_tokens():
     width = int(table.sid_len.max()) + 1
     assert len(np.unique(table.sid_len)) > 1
     np.testing.assert_array_equal(tokens, table.tokens[:, :width])
+    # A column in several chunks (how a SID column past 2^31 tokens is built) reads the same.
+    lengths = table.sid_len + 1
+    chunked = list_column(lengths, np.concatenate([row[:n] for row, n in zip(table.tokens, lengths)]).astype(np.int32), max_values=100)
+    assert chunked.num_chunks > 1
+    np.testing.assert_array_equal(sid_token_matrix(chunked), tokens)
