@@ -31,6 +31,9 @@ def test_segments_equal_the_library_and_the_window_bounds_popularity(spark):
     np.add.at(expected_pop, np.searchsorted(np.sort(item_ids), rows[inside]), 1)
     expected_pop = expected_pop[np.argsort(np.argsort(item_ids))]
     np.testing.assert_array_equal(got["popularity"].to_numpy(), expected_pop)
+    # Both boundaries (ranks 400 and 1,000) fall inside a tied popularity value: the ids decide there.
+    ranked = np.sort(expected_pop)[::-1]
+    assert ranked[399] == ranked[400] > 0 and ranked[999] == ranked[1000] > 0
     expected_segments = np.asarray(SEGMENT_NAMES)[assign_segments(item_ids, expected_pop, config)]
     np.testing.assert_array_equal(got["segment"].to_numpy(), expected_segments)
     assert set(got["segment"]) == set(SEGMENT_NAMES)
