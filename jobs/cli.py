@@ -9,8 +9,10 @@ what it wrote where, with row counts. Exit codes: 0 done, 2 bad input or config,
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from jobs.config import JOB_CONFIGS, load_job_config
 from sa2crq.cli import add_library_commands, base_parser, run
@@ -32,11 +34,19 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``sa2crq`` parser (library commands and jobs), built without running anything."""
     parser, commands = base_parser()
-    add_library_commands(commands)
+    benchmarks = add_library_commands(commands)
+    scale = benchmarks.add_parser("scale", help="every job end to end on a synthetic catalog: wall time, rows, peak memory")
+    scale.add_argument("--items", nargs="+", type=int, default=[100_000], help="catalog sizes, one run each")
+    scale.add_argument("--requests", type=int, default=10_000, help="history requests for generate")
+    scale.add_argument("--seed", type=int, default=0)
+    scale.add_argument("--work", type=Path, default=Path("out/bench/scale"), help="data and storage (one directory per size, emptied first)")
+    scale.add_argument("--out", type=Path, help="also write the JSON result here")
+    scale.set_defaults(run=_bench_scale)
     for job, help_text in JOB_HELP.items():
         sub = commands.add_parser(job, help=help_text, description=help_text)
         sub.add_argument("--config", help=f"JSON file of {JOB_CONFIGS[job].__name__} fields")
         sub.add_argument("--set", dest="assignments", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+        sub.add_argument("--summary-json", type=Path, help="also write what the job wrote where, as JSON, to this file")
         if job == "recode":
             sub.add_argument("--reuse-tokenizer", metavar="VERSION", help="encode with this published version's tokenizer")
             sub.add_argument("--force", action="store_true", help="publish even when SID churn exceeds the limit")
@@ -66,6 +76,21 @@ def _run_job(args: argparse.Namespace) -> int:
         print(f"refused: {refused}", file=sys.stderr)
         return REFUSED
     print(summary.format())
+    if args.summary_json is not None:
+        args.summary_json.write_text(summary.to_json())
+    return 0
+
+
+def _bench_scale(args: argparse.Namespace) -> int:
+    from jobs.bench_scale import format_scale_table, run_scale_benchmark
+
+    results = []
+    for n_items in args.items:
+        results.append(run_scale_benchmark(n_items, args.work / f"items-{n_items}", seed=args.seed, requests=args.requests))
+        print(format_scale_table(results[-1]), flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
     return 0
 
 

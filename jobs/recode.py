@@ -98,7 +98,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     ).cache()  # fmt: skip
     staging.write(split, f"{url}/{layout.CATALOG}")
     # One parquet file per shard: each is a unit of work for the Ray Data stages.
-    work_items = items.valid.join(split, "item_id").repartition(config.shards, "shard").drop("shard")
+    work_items = items.valid.join(split.hint("merge"), "item_id").repartition(config.shards, "shard").drop("shard")
     staging.write(work_items, f"{work}/items")
     lap("catalog split")
 

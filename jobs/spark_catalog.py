@@ -42,7 +42,7 @@ def catalog_split(
     pop = counted.groupBy("item_id").agg(F.count(F.lit(1)).alias("popularity"))
     catalog = (
         items.select("item_id")
-        .join(pop, "item_id", "left")
+        .join(pop.hint("merge"), "item_id", "left")  # both catalog-sized: never broadcast
         .withColumn("popularity", F.coalesce(F.col("popularity"), F.lit(0)).cast("long"))
     )
     shard = F.pmod(F.xxhash64("item_id"), F.lit(shards)).cast("int")

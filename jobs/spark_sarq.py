@@ -49,13 +49,15 @@ def kept_depths(items: DataFrame, levels: int, threshold: int, config: SIDConfig
     per_level = weighted.select("item_id", "weight", "codes", F.explode(F.sequence(F.lit(1), F.lit(levels))).alias("level"))
     per_level = per_level.withColumn("prefix", code_prefix(F.col("level")))
     masses = per_level.groupBy("level", "prefix").agg(F.sum("weight").alias("mass"))
+    # Both sides of these joins are catalog-sized: sort-merge, never a broadcast chosen from a
+    # compressed parquet size (which fits the threshold at 10^6 items and not a 1 GB driver).
     kept = (
-        per_level.join(masses, ["level", "prefix"])
+        per_level.join(masses.hint("merge"), ["level", "prefix"])
         .groupBy("item_id")
         .agg(F.sum(F.when(F.col("mass") >= threshold, 1).otherwise(0)).alias("kept"))
     )
     clipped = F.least(F.greatest(F.col("kept"), F.lit(config.min_length)), F.lit(levels))
-    return items.join(kept, "item_id").withColumn("code_depth", clipped).drop("kept")
+    return items.join(kept.hint("merge"), "item_id").withColumn("code_depth", clipped).drop("kept")
 
 
 def _bucket_cap(result: DataFrame, levels: int, config: SIDConfig) -> DataFrame:

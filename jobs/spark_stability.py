@@ -133,7 +133,8 @@ def stable_sids_spark(
         fresh = _ingest_depths(catalog, levels, int(checks["rows"]), int(checks["mass"]), config)
     else:
         fresh = sarq_depths(catalog, levels, config)
-    frame = fresh.withColumn("code_depth", F.col("code_depth").cast("long")).join(published, "item_id", "left")
+    # The published table is catalog-sized: never broadcast (see jobs.spark_sarq.kept_depths).
+    frame = fresh.withColumn("code_depth", F.col("code_depth").cast("long")).join(published.hint("merge"), "item_id", "left")
     known = F.col("published_depth").isNotNull()
     unchanged = known & (long_codes == F.col("published_codes"))
     if pin_all_previous:
@@ -196,7 +197,7 @@ def _check_ingest(
             "changes a published item (drop exact re-sends before ingesting, or recode)"
         )
     if frame.filter(known).count() != published_items:
-        missing = previous.join(catalog, "item_id", "left_anti").select("item_id").limit(1).collect()
+        missing = previous.join(catalog.hint("merge"), "item_id", "left_anti").select("item_id").limit(1).collect()
         raise ValueError(f"published item {missing[0]['item_id']!r} is missing: an ingest carries every published item")
 
 

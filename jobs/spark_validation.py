@@ -73,7 +73,7 @@ def validate_interactions(interactions: DataFrame, valid_item_ids: DataFrame, *,
     schema = pa.schema([pa.field(f.name, _arrow_type(f.dataType)) for f in interactions.schema.fields])
     check_interactions_schema(schema)
     known = valid_item_ids.select("item_id").distinct().withColumn("_known", F.lit(True))
-    marked = interactions.join(known, "item_id", "left")
+    marked = interactions.join(known.hint("merge"), "item_id", "left")  # the catalog: never broadcast
     rules = {
         "null_user_id": F.col("user_id").isNull(),
         "null_item_id": F.col("item_id").isNull(),

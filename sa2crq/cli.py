@@ -40,7 +40,8 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         return 2
 
 
-def add_library_commands(commands: argparse._SubParsersAction) -> None:
+def add_library_commands(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The library's commands; returns the ``bench`` subcommands, to which the jobs add theirs."""
     tok = commands.add_parser("tokenize", help="give every item a semantic ID and write the tokenizer report")
     tok.add_argument("--items", required=True, help="items parquet (item_id, text fields, optional embedding)")
     tok.add_argument("--interactions", required=True, help="training interactions parquet (user_id, item_id, timestamp)")
@@ -104,6 +105,7 @@ def add_library_commands(commands: argparse._SubParsersAction) -> None:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--out", type=Path, help="also write the JSON result here")
     generate.set_defaults(run=_bench_generate)
+    return bench_kind
 
 
 def _tokenize(args: argparse.Namespace) -> int:

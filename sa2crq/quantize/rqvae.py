@@ -215,7 +215,7 @@ class RQVAE(nn.Module):
                 continue
             reset += n_dead
             book = self.codebook(level).detach().clone()
-            if distributed.rank() == 0:
+            if distributed.rank() == 0 and x.shape[0] > 0:  # with no local rows rank 0 keeps the codes
                 residuals = q.residuals[level]
                 pick = torch.randint(residuals.shape[0], (n_dead,), generator=generator, device="cpu")
                 book[dead] = residuals[pick.to(residuals.device)]

@@ -45,8 +45,12 @@ def run_epochs(
         order = torch.randperm(max(n_rows, 1), generator=generator)
         total = 0.0
         for s in range(steps):
-            idx = order[torch.arange(s * batch_size, (s + 1) * batch_size) % order.numel()]
-            loss = loss_fn(step, idx)
+            if n_rows:
+                loss = loss_fn(step, order[torch.arange(s * batch_size, (s + 1) * batch_size) % order.numel()])
+            else:
+                # This rank's shard holds none of the rows (e.g. no torso items in an ACRQ stage) while
+                # others do: it still joins every gradient average, with zero gradients.
+                loss = sum((p * 0).sum() for p in params)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(params)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from sa2crq.config import RQVAEConfig
 from sa2crq.quantize.rqvae import RQVAE
-from sa2crq.quantize.training import train_rqvae
+from sa2crq.quantize.training import run_epochs, train_rqvae
 
 CONFIG = RQVAEConfig(hidden_dims=(32,), latent_dim=8, levels=3, codebook_size=16, epochs=6, batch_size=64, dead_code_every=2)
 WORLD = 2
@@ -54,6 +54,15 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         out.update({f"after_reset_{l}": model.anchors[l].detach().clone() for l in range(CONFIG.levels)})
         train_rqvae(model, x, CONFIG, torch.Generator().manual_seed(rank), name=f"rank{rank}")
         out.update({f"trained.{k}": v.detach().clone() for k, v in model.state_dict().items()})
+        # A stage whose rows all sit on rank 1 (e.g. no torso items in rank 0's shard): rank 0 has
+        # nothing to draw a batch from, yet joins every gradient average and ends identical.
+        rows = x if rank == 1 else x[:0]
+        losses = run_epochs(
+            n_rows=rows.shape[0], epochs=2, batch_size=64, parameters=list(model.encoder.parameters()), learning_rate=1e-2,
+            weight_decay=0.0, loss_fn=lambda step, idx: model.latent(rows[idx]).pow(2).mean(), generator=torch.Generator().manual_seed(rank),
+        )  # fmt: skip
+        out["uneven_losses"] = torch.tensor(losses)
+        out.update({f"uneven.{k}": v.detach().clone() for k, v in model.encoder.state_dict().items()})
         save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
@@ -98,3 +107,13 @@ def test_training_keeps_replicas_identical(ranks):
     assert trained
     for key in trained:
         np.testing.assert_allclose(ranks[0][key].numpy(), ranks[1][key].numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_without_rows_in_a_stage_still_joins_every_step(ranks):
+    assert ranks[0]["uneven_losses"].tolist() == [0.0, 0.0] and (ranks[1]["uneven_losses"] > 0).all()
+    uneven = [k for k in ranks[0] if k.startswith("uneven.")]
+    for key in uneven:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
+    # The step did move the weights (rank 1's gradients, averaged).
+    assert any(not torch.equal(ranks[0][key], ranks[0][key.replace("uneven.", "trained.encoder.")]) for key in uneven)
