@@ -46,10 +46,14 @@ class GenerationConfig:
     # Request embedding: mean of the last n history items' text embeddings (1 = the last item).
     request_last_n: int = 1
     batch_size: int = 256
+    # The item scorer holds (batch x catalog) score matrices: batches shrink so that one holds at
+    # most this many scores (2^24: 64 MiB in float32), whatever the catalog size; 16 requests a
+    # batch at 10^6 items, the full batch_size below ~65,000 items.
+    max_batch_scores: int = 2**24
 
     def __post_init__(self) -> None:
-        if self.beam_width < 1 or self.k < 1 or self.batch_size < 1 or self.request_last_n < 1:
-            raise ValueError("generation beam_width, k, batch_size and request_last_n must be >= 1")
+        if min(self.beam_width, self.k, self.batch_size, self.request_last_n, self.max_batch_scores) < 1:
+            raise ValueError("generation beam_width, k, batch_size, request_last_n and max_batch_scores must be >= 1")
         self.weights  # validates the scorer fields
 
     @property
@@ -125,9 +129,14 @@ class CandidateGenerator:
         memory, mask = self.model.encode(history, users, self.items)
         return request_embeddings(history, self.item_embeddings, self.config.request_last_n), memory, mask
 
+    @property
+    def batch_size(self) -> int:
+        """Requests per batch: the config's, fewer where the catalog is large (``max_batch_scores``)."""
+        return max(1, min(self.config.batch_size, self.config.max_batch_scores // max(1, len(self.item_embeddings))))
+
     def _batches(self, requests: Requests) -> Iterator[np.ndarray]:
-        for start in range(0, len(requests), self.config.batch_size):
-            yield np.arange(start, min(start + self.config.batch_size, len(requests)))
+        for start in range(0, len(requests), self.batch_size):
+            yield np.arange(start, min(start + self.batch_size, len(requests)))
 
     @torch.no_grad()
     def features(self, requests: Requests) -> Iterator[tuple[RequestFeatures, int]]:

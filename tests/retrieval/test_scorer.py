@@ -241,9 +241,8 @@ def test_history_outside_the_encoder_window_is_never_in_the_top_k():
     assert requests.subset(np.array([1, 0])).excluded_matrix(np.arange(2)).tolist() == [[6, 7, -1, -1, -1], [1, 2, 3, 4, 5]]
 
 
-def test_generate_excludes_the_whole_history_end_to_end():
-    """A tiny random retriever whose beam covers every SID and k the whole catalog: the top-K is exactly
-    the catalog less the request's whole history, under any scorer weights."""
+def _tiny_generator(config: GenerationConfig) -> CandidateGenerator:
+    """A tiny random retriever over the N-item catalog (seeded: the same weights every call)."""
     ids = np.arange(N)
     tokens = np.stack([2 + ids % 4, 6 + ids // 4, np.full(N, EOS)], 1)
     vocab, buckets = 8, 4
@@ -253,10 +252,24 @@ def test_generate_excludes_the_whole_history_end_to_end():
                                                 num_heads=2, head_dim=8, d_ff=32, encoder_layers=1, decoder_layers=1, dropout=0.0))
     emb = np.random.default_rng(0).normal(size=(N, 4)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    generator = CandidateGenerator(
-        model, tokens, trie, ItemSIDs.build(trie.row_sid), emb, GenerationConfig(beam_width=N, k=N, batch_size=1),
-        user_offset=vocab, user_buckets=buckets,
-    )  # fmt: skip
+    return CandidateGenerator(model, tokens, trie, ItemSIDs.build(trie.row_sid), emb, config, user_offset=vocab, user_buckets=buckets)
+
+
+def test_batches_shrink_with_the_catalog_and_the_candidates_do_not_change():
+    requests = evaluation_requests(HISTORY, TARGETS, INDEX, max_history=2)
+    full = _tiny_generator(GenerationConfig(beam_width=N, k=N, batch_size=2))
+    # At most N scores per batch: one request of N items at a time.
+    bounded = _tiny_generator(GenerationConfig(beam_width=N, k=N, batch_size=2, max_batch_scores=N))
+    assert (full.batch_size, bounded.batch_size) == (2, 1)
+    a, b = full.generate(requests), bounded.generate(requests)
+    np.testing.assert_array_equal(a.items, b.items)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+
+
+def test_generate_excludes_the_whole_history_end_to_end():
+    """A tiny random retriever whose beam covers every SID and k the whole catalog: the top-K is exactly
+    the catalog less the request's whole history, under any scorer weights."""
+    generator = _tiny_generator(GenerationConfig(beam_width=N, k=N, batch_size=1))
     requests = evaluation_requests(HISTORY, TARGETS, INDEX, max_history=2)
     for weights in (None, ScorerWeights(dense_weight=0.0, content_weight=0.0, dense_candidates=0)):
         candidates = generator.generate(requests, weights)
