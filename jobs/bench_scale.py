@@ -35,6 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from sa2crq.data.columns import index_ranges, list_column
+
 log = logging.getLogger(__name__)
 
 # Small tokenizer and retriever budgets: the benchmark measures the jobs' cost per item, not quality.
@@ -89,9 +91,7 @@ def write_synthetic_catalog(out: Path, n_items: int, *, seed: int = 0, dim: int 
     train_starts, train_ends = np.cumsum(lengths) - lengths, last
     chosen = rng.choice(n_users, size=min(requests, n_users), replace=False)
     history_lengths = np.minimum(train_ends[chosen] - train_starts[chosen], 8)
-    offsets = np.concatenate([[0], np.cumsum(history_lengths)]).astype(np.int32)
-    take = np.concatenate([np.arange(e - h, e) for e, h in zip(train_ends[chosen], history_lengths)])
-    history = pa.ListArray.from_arrays(pa.array(offsets), pa.array(items[take]))
+    history = list_column(history_lengths, items[index_ranges(train_ends[chosen] - history_lengths, history_lengths)])
     request_table = pa.table({"request_id": chosen.astype(np.int64), "user_id": chosen.astype(np.int64), "history": history})
 
     paths = {name: str(out / f"{name}.parquet") for name in ("items", "train", "valid", "new_items", "requests")}

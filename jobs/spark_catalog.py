@@ -44,6 +44,7 @@ def catalog_split(
         items.select("item_id")
         .join(pop.hint("merge"), "item_id", "left")  # both catalog-sized: never broadcast
         .withColumn("popularity", F.coalesce(F.col("popularity"), F.lit(0)).cast("long"))
+        .cache()  # read by the histogram, each boundary cut and the output: count the interactions once
     )
     shard = F.pmod(F.xxhash64("item_id"), F.lit(shards)).cast("int")
     return catalog.select("item_id", "popularity", _segment(catalog, config).alias("segment"), shard.alias("shard"))
@@ -75,9 +76,9 @@ def _segment(catalog: DataFrame, config: SegmentConfig) -> F.Column:
                 segment = segment.when(at_value & (F.col("item_id") < F.lit(cut)), names[of_rank(bound - 1)])
             segment = segment.when(at_value, names[of_rank(last)])
         first += items
-    for name, values in whole.items():
+    for code, values in whole.items():
         if values:
-            segment = segment.when(F.col("popularity").isin(values), names[name])
+            segment = segment.when(F.col("popularity").isin(values), names[code])
     return segment
 
 

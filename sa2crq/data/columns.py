@@ -16,6 +16,13 @@ import pyarrow.compute as pc
 INT32_LIST_VALUES = 2**31 - 1
 
 
+def index_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenated ranges ``[starts[r], starts[r] + lengths[r])``, as one int64 index array."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    firsts = np.cumsum(lengths) - lengths  # where each range starts in the output
+    return np.repeat(np.asarray(starts, dtype=np.int64) - firsts, lengths) + np.arange(lengths.sum(), dtype=np.int64)
+
+
 def list_chunk_bounds(lengths: np.ndarray, max_values: int = INT32_LIST_VALUES) -> np.ndarray:
     """Row bounds ``[0, ..., n]`` that cut rows of ``lengths`` values into as few chunks as possible
     of at most ``max_values`` values each (offsets summed in int64, so they cannot wrap)."""

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sa2crq.data.columns import list_matrix
+from sa2crq.data.columns import index_ranges, list_matrix
 from sa2crq.ids.trie import EOS, PAD
 
 
@@ -121,7 +121,7 @@ class Requests:
         if self.excluded is not None:
             indptr, items = self.excluded
             lengths = np.diff(indptr)[rows]
-            excluded = (_indptr(lengths), items[_ranges(indptr[rows], lengths)])
+            excluded = (_indptr(lengths), items[index_ranges(indptr[rows], lengths)])
         return Requests(self.user_ids[rows], self.history[rows], self.target[rows], query, excluded)
 
     def history_csr(self) -> tuple[np.ndarray, np.ndarray]:
@@ -137,17 +137,12 @@ class Requests:
         rows = np.asarray(rows, dtype=np.int64)
         lengths = np.diff(indptr)[rows]
         out = np.full((len(rows), max(int(lengths.max(initial=0)), 1)), -1, dtype=np.int64)
-        out[np.repeat(np.arange(len(rows)), lengths), _ranges(np.zeros(len(rows), dtype=np.int64), lengths)] = items[_ranges(indptr[rows], lengths)]
+        out[np.repeat(np.arange(len(rows)), lengths), index_ranges(np.zeros(len(rows), dtype=np.int64), lengths)] = items[index_ranges(indptr[rows], lengths)]
         return out
 
 
 def _indptr(lengths: np.ndarray) -> np.ndarray:
     return np.r_[0, np.cumsum(lengths)].astype(np.int64)
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The concatenated ranges ``[starts[r], starts[r] + lengths[r])``, as one index array."""
-    return np.repeat(starts - _indptr(lengths)[:-1], lengths) + np.arange(lengths.sum(), dtype=np.int64)
 
 
 def _windows(seq: Sequences, ends: np.ndarray, owners: np.ndarray, max_history: int) -> np.ndarray:
@@ -187,7 +182,7 @@ def evaluation_requests(history: Sequences, targets: pa.Table, index: ItemIndex,
         windows[known] = _windows(history, history.indptr[owners + 1], owners, max_history)
         starts[known] = history.indptr[owners]
         lengths[known] = history.indptr[owners + 1] - history.indptr[owners]
-    excluded = (_indptr(lengths), history.items[_ranges(starts, lengths)])
+    excluded = (_indptr(lengths), history.items[index_ranges(starts, lengths)])
     return Requests(users, windows, target_items.astype(np.int64), excluded=excluded)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sa2crq.data.columns import INT32_LIST_VALUES, list_chunk_bounds, list_column, list_matrix
+from sa2crq.data.columns import INT32_LIST_VALUES, index_ranges, list_chunk_bounds, list_column, list_matrix
 
 
 def test_chunk_bounds_past_two_to_the_31_values_are_exact():
@@ -38,3 +38,9 @@ def test_list_matrix_reads_a_chunked_column():
     column = list_column(np.full(4, 3), np.arange(12, dtype=np.int32), max_values=6)
     assert column.num_chunks == 2
     np.testing.assert_array_equal(list_matrix(column), np.arange(12).reshape(4, 3))
+
+
+def test_index_ranges_concatenate_the_ranges_in_order():
+    starts, lengths = np.array([5, 0, 9, 2]), np.array([3, 0, 1, 2])
+    assert index_ranges(starts, lengths).tolist() == [5, 6, 7, 9, 2, 3]
+    assert index_ranges(np.array([], dtype=np.int64), np.array([], dtype=np.int64)).tolist() == []
