@@ -215,8 +215,13 @@ def _last_error(output: str) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
-def run_scale_benchmark(n_items: int, work: Path, *, seed: int = 0, requests: int = 10_000) -> dict[str, Any]:
-    """Every job once on ``n_items`` synthetic items under ``work`` (emptied first)."""
+# The chain of jobs, each building on the ones before it (a key names where ``through`` stops).
+CHAIN = ("recode", "reuse", "ingest", "train-retriever", "generate")
+
+
+def run_scale_benchmark(n_items: int, work: Path, *, seed: int = 0, requests: int = 10_000, through: str = CHAIN[-1]) -> dict[str, Any]:
+    """The jobs of :data:`CHAIN` up to ``through``, once each, on ``n_items`` synthetic items under
+    ``work`` (emptied first)."""
     work = work.resolve()
     shutil.rmtree(work, ignore_errors=True)
     data = write_synthetic_catalog(work / "data", n_items, seed=seed, requests=requests)
@@ -227,7 +232,7 @@ def run_scale_benchmark(n_items: int, work: Path, *, seed: int = 0, requests: in
               "churn_limit": 1.0, "embedding_cache": None, "spark": spark, **common}  # fmt: skip
     train = {"interactions": paths["train"], "valid": paths["valid"], "model": RETRIEVER, "train": RETRIEVER_TRAIN, **common}
     generate = {"requests": paths["requests"], "out": str(work / "candidates"), "generation": GENERATION, **common}
-    steps = [
+    steps = [  # in CHAIN order
         ("recode", "recode", recode, ()),
         ("recode --reuse-tokenizer", "recode", recode, ("--reuse-tokenizer", None)),
         ("ingest (1% new items)", "ingest", {"items": paths["new_items"], "embedding_cache": None, "spark": spark, **common}, ()),
@@ -235,7 +240,7 @@ def run_scale_benchmark(n_items: int, work: Path, *, seed: int = 0, requests: in
         (f"generate ({data['rows']['requests']:,} requests)", "generate", generate, ()),
     ]
     jobs: list[dict[str, Any]] = []
-    for name, job, config, extra in steps:
+    for name, job, config, extra in steps[: CHAIN.index(through) + 1]:
         extra = tuple(jobs[0]["version"] if arg is None else arg for arg in extra)  # the first recode's version
         try:
             jobs.append(run_job(name, job, config, work, *extra))
@@ -243,7 +248,7 @@ def run_scale_benchmark(n_items: int, work: Path, *, seed: int = 0, requests: in
             # Each job builds on the ones before: record where the chain broke and stop there.
             jobs.append({"job": name, "failed": str(failure)})
             break
-    return {"items": n_items, "seed": seed, "hardware": f"{os.cpu_count()} CPUs", "data_rows": data["rows"], "jobs": jobs,
+    return {"items": n_items, "seed": seed, "hardware": f"{os.cpu_count()} CPUs", "data_rows": data["rows"], "through": through, "jobs": jobs,
             "engines": ENGINES, "tokenizer": TOKENIZER, "retriever": RETRIEVER, "generation": GENERATION}  # fmt: skip
 
 

@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from jobs.bench_scale import CHAIN
 from jobs.config import JOB_CONFIGS, load_job_config
 from sa2crq.cli import add_library_commands, base_parser, run
 
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--items", nargs="+", type=int, default=[100_000], help="catalog sizes, one run each")
     scale.add_argument("--requests", type=int, default=10_000, help="history requests for generate")
     scale.add_argument("--seed", type=int, default=0)
+    scale.add_argument("--through", default=CHAIN[-1], choices=CHAIN,
+                       help="run the chain recode -> recode --reuse-tokenizer (reuse) -> ingest -> train-retriever -> generate up to this job")
     scale.add_argument("--work", type=Path, default=Path("out/bench/scale"), help="data and storage (one directory per size, emptied first)")
     scale.add_argument("--out", type=Path, help="also write the JSON result here")
     scale.set_defaults(run=_bench_scale)
@@ -86,7 +89,7 @@ def _bench_scale(args: argparse.Namespace) -> int:
 
     results = []
     for n_items in args.items:
-        results.append(run_scale_benchmark(n_items, args.work / f"items-{n_items}", seed=args.seed, requests=args.requests))
+        results.append(run_scale_benchmark(n_items, args.work / f"items-{n_items}", seed=args.seed, requests=args.requests, through=args.through))
         print(format_scale_table(results[-1]), flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

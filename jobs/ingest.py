@@ -29,7 +29,6 @@ from sa2crq.config import SIDConfig, build_config
 from sa2crq.data.segments import COLD, SEGMENT_NAMES
 from sa2crq.data.validation import validate_items, write_rejects
 from sa2crq.ids.sid_table import SIDVocabulary
-from sa2crq.retrieval.serving import build_serving_trie
 from sa2crq.storage import layout
 from sa2crq.storage.filesystem import read_parquet, write_parquet
 from sa2crq.storage.publish import ConcurrentPublishError, Publisher
@@ -63,6 +62,7 @@ def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publi
 
     from jobs.spark_sarq import sid_table
     from jobs.spark_stability import stable_sids_spark
+    from jobs.spark_trie import write_trie_spark
     from ray_workers.shards import map_shards
     from ray_workers.stages import embed_stage, encode_stage
 
@@ -114,9 +114,7 @@ def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publi
     delta_counts = staging.read(spark, f"{url}/{layout.DELTA}").agg(
         F.count(F.lit(1)).alias("rows"), F.count_if(F.col("bucket_size") > 1).alias("from_buckets")
     ).first()
-    # The trie still reads (item_id, sid) of the whole table into this process.
-    trie = build_serving_trie(read_parquet(f"{url}/{layout.SID_TABLE}", columns=["item_id", "sid"]), vocab.size)
-    trie.save(f"{url}/{layout.TRIE}")
+    trie = write_trie_spark(staging.read(spark, f"{url}/{layout.SID_TABLE}"), vocab.size, f"{url}/{layout.TRIE}", staging)
     write_rejects(items, f"{url}/{layout.REJECTS}/items/part-00000.parquet")
     remove_tree(work)
 

@@ -26,9 +26,7 @@ from jobs.summary import JobSummary
 from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.data.segments import SEGMENT_NAMES
 from sa2crq.quantize.tokenizer import Tokenizer, load_tokenizer
-from sa2crq.retrieval.serving import build_serving_trie
 from sa2crq.storage import layout
-from sa2crq.storage.filesystem import read_parquet
 from sa2crq.storage.publish import Publisher
 
 log = logging.getLogger(__name__)
@@ -121,6 +119,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     # 6. SIDs (Spark): SARQ finalisation, or with a reused tokenizer the stability rule against the parent.
     from jobs.spark_sarq import finalise_sids, sid_table
     from jobs.spark_stability import stable_sids_spark
+    from jobs.spark_trie import write_trie_spark
 
     vocab = SIDVocabulary(tokenizer.codebook_sizes(), config.tokenizer.sid.digit_vocab)
     levels = len(tokenizer.codebook_sizes())
@@ -135,10 +134,8 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     staging.write(sid_table(finalised, vocab).select(*layout.SID_TABLE_COLUMNS), f"{url}/{layout.SID_TABLE}")
     lap("sids")
 
-    # 7. Trie.
-    table = read_parquet(f"{url}/{layout.SID_TABLE}", columns=["item_id", "sid"])
-    trie = build_serving_trie(table, vocab.size)
-    trie.save(f"{url}/{layout.TRIE}")
+    # 7. Trie (Spark).
+    trie = write_trie_spark(staging.read(spark, f"{url}/{layout.SID_TABLE}"), vocab.size, f"{url}/{layout.TRIE}", staging)
     lap("trie")
 
     # 8. Report: SID statistics (Spark), churn and remap against the parent, stability.
@@ -173,7 +170,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     summary.add("catalog split", f"{url}/{layout.CATALOG}", items.counts["rows_out"])
     summary.add("embeddings", f"{url}/{layout.EMBEDDINGS}", items.counts["rows_out"])
     summary.add("codes", f"{url}/{layout.CODES}", items.counts["rows_out"])
-    summary.add("sid table", f"{url}/{layout.SID_TABLE}", table.num_rows)
+    summary.add("sid table", f"{url}/{layout.SID_TABLE}", trie.n_rows)
     summary.add("trie", f"{url}/{layout.TRIE}", trie.n_sids, unit="SIDs")
     summary.add("tokenizer", f"{url}/{layout.TOKENIZER}")
     summary.add("report", f"{url}/{layout.REPORT}")
@@ -185,7 +182,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
             f"({churn['changed']:,} of {churn['common']:,} items changed SID): nothing published. The remap is at "
             f"{url}/{layout.REMAP}; rerun with --force to publish anyway."
         )
-    publisher.publish(version, parent=parent, meta={"job": "recode", "items": table.num_rows, "churn": churn["churn"],
+    publisher.publish(version, parent=parent, meta={"job": "recode", "items": trie.n_rows, "churn": churn["churn"],
                                                     "vocab": vocab.to_dict(), "sid_config": config_dict(config.tokenizer.sid)})  # fmt: skip
     summary.published = True
 

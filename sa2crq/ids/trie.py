@@ -29,8 +29,12 @@ are batched torch ops on the device of their input, with the arrays copied once 
 cached. ``step`` finds an edge by ``searchsorted`` on
 ``edge_keys = parent * vocab_size + token``, which is strictly increasing by construction.
 
-On disk (:meth:`SIDTrie.save`): ``trie.safetensors`` (the arrays) and ``trie.json`` (format,
-version, vocab_size, max_length, PAD, EOS). No pickles.
+On disk (:meth:`SIDTrie.save`, format version 2): two parquet directories a distributed job can
+write in shards, ``nodes/`` (one row per node: ``node``, ``parent`` (-1 at the root), ``token`` (of
+the edge into the node; PAD at the root), ``depth``, ``terminal_sid``) and ``rows/`` (``row``,
+``sid_index``: ``row_sid``), in any file and row order, then ``trie.json`` (format, version,
+vocab_size, max_length, PAD, EOS, counts), written last. The CSR arrays are derived on load
+(``offsets`` from the parents' child counts). No pickles.
 """
 
 from __future__ import annotations
@@ -42,27 +46,23 @@ from functools import cached_property
 from typing import Iterable
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from sa2crq.storage.filesystem import resolve_filesystem
+from sa2crq.storage.filesystem import read_parquet, resolve_filesystem, write_parquet
 
 PAD = 0
 EOS = 1
 
 FORMAT_NAME = "sa2crq.sid_trie"
-FORMAT_VERSION = 1
-ARRAYS_FILE = "trie.safetensors"
+FORMAT_VERSION = 2
 META_FILE = "trie.json"
+NODES_DIR = "nodes"
+ROWS_DIR = "rows"
+NODE_COLUMNS = {"node": pa.int64(), "parent": pa.int64(), "token": pa.int32(), "depth": pa.int32(), "terminal_sid": pa.int64()}
+ROW_COLUMNS = {"row": pa.int64(), "sid_index": pa.int64()}
 
 _ARRAY_FIELDS = ("offsets", "child_tokens", "child_nodes", "node_depth", "terminal_sid", "row_sid")
-_ARRAY_DTYPES = {
-    "offsets": np.int64,
-    "child_tokens": np.int32,
-    "child_nodes": np.int64,
-    "node_depth": np.int32,
-    "terminal_sid": np.int64,
-    "row_sid": np.int64,
-}
 
 
 @dataclass(frozen=True)
@@ -488,50 +488,87 @@ class SIDTrie:
         return torch.where(valid, tt.terminal_sid[torch.where(valid, n, 0)], -1)
 
     # ----------------------------------------------------------------- disk
-    def save(self, path_dir: str | os.PathLike) -> None:
-        """Write ``trie.safetensors`` and ``trie.json`` into ``path_dir`` (a local path or URL), JSON last."""
-        from safetensors.numpy import save
+    def node_table(self) -> pa.Table:
+        """One row per node, as ``nodes/`` stores it (module docstring)."""
+        parent = np.concatenate([[-1], self.parent_of_edge])
+        token = np.concatenate([[PAD], self.child_tokens]).astype(np.int32)
+        columns = (np.arange(self.n_nodes, dtype=np.int64), parent, token, self.node_depth, self.terminal_sid)
+        return pa.table(dict(zip(NODE_COLUMNS, columns)), schema=pa.schema(list(NODE_COLUMNS.items())))
 
-        fs, d = resolve_filesystem(path_dir)
-        fs.create_dir(d, recursive=True)
-        arrays = {f: np.ascontiguousarray(getattr(self, f), dtype=_ARRAY_DTYPES[f]) for f in _ARRAY_FIELDS}
-        with fs.open_output_stream(f"{d}/{ARRAYS_FILE}") as out:
-            out.write(save(arrays))
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "vocab_size": int(self.vocab_size),
-            "max_length": int(self.max_length),
-            "pad": PAD,
-            "eos": EOS,
-            "n_nodes": self.n_nodes,
-            "n_sids": self.n_sids,
-            "n_rows": int(self.row_sid.size),
-        }
-        with fs.open_output_stream(f"{d}/{META_FILE}") as out:
-            out.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    def save(self, path_dir: str | os.PathLike) -> None:
+        """Write ``nodes/``, ``rows/`` and then ``trie.json`` into ``path_dir`` (a local path or URL)."""
+        d = os.fspath(path_dir)
+        write_parquet(self.node_table(), f"{d}/{NODES_DIR}/part-0.parquet")
+        rows = pa.table({"row": np.arange(self.row_sid.size, dtype=np.int64), "sid_index": self.row_sid}, schema=pa.schema(list(ROW_COLUMNS.items())))
+        write_parquet(rows, f"{d}/{ROWS_DIR}/part-0.parquet")
+        write_meta(d, vocab_size=self.vocab_size, max_length=self.max_length, n_nodes=self.n_nodes, n_sids=self.n_sids, n_rows=int(self.row_sid.size))
 
     @classmethod
     def load(cls, path_dir: str | os.PathLike, validate: bool = True) -> "SIDTrie":
-        """Read a trie written by :meth:`save`; checks the format and (by default) the invariants."""
-        from safetensors.numpy import load
-
-        fs, d = resolve_filesystem(path_dir)
-        with fs.open_input_stream(f"{d}/{META_FILE}") as f:
+        """Read a trie written by :meth:`save` (or by a distributed job in the same layout); checks the
+        format, the counts and (by default) the invariants."""
+        d = os.fspath(path_dir)
+        fs, inner = resolve_filesystem(d)
+        with fs.open_input_stream(f"{inner}/{META_FILE}") as f:
             meta = json.loads(f.read())
         if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{d}/{META_FILE}: not a {FORMAT_NAME} v{FORMAT_VERSION} file: {meta.get('format')!r} v{meta.get('version')!r}")
         if meta.get("pad") != PAD or meta.get("eos") != EOS:
             raise ValueError(f"{d}/{META_FILE}: PAD/EOS {meta.get('pad')}/{meta.get('eos')} differ from {PAD}/{EOS}")
-        with fs.open_input_stream(f"{d}/{ARRAYS_FILE}") as f:
-            arrays = load(f.read())
-        missing = [f for f in _ARRAY_FIELDS if f not in arrays]
-        if missing:
-            raise ValueError(f"{d}/{ARRAYS_FILE}: missing arrays {missing}")
-        for f in _ARRAY_FIELDS:
-            if arrays[f].dtype != _ARRAY_DTYPES[f] or arrays[f].ndim != 1:
-                raise ValueError(f"{d}/{ARRAYS_FILE}: {f} has dtype {arrays[f].dtype} / ndim {arrays[f].ndim}")
-        trie = cls(**{f: arrays[f] for f in _ARRAY_FIELDS}, vocab_size=int(meta["vocab_size"]), max_length=int(meta["max_length"]))
+        nodes = _sorted_columns(read_parquet(f"{d}/{NODES_DIR}"), NODE_COLUMNS, "node", f"{d}/{NODES_DIR}")
+        rows = _sorted_columns(read_parquet(f"{d}/{ROWS_DIR}"), ROW_COLUMNS, "row", f"{d}/{ROWS_DIR}")
+        n_nodes = nodes["node"].size
+        counts = {"n_nodes": n_nodes, "n_rows": rows["row"].size}
+        wrong = {k: (meta.get(k), v) for k, v in counts.items() if meta.get(k) != v}
+        if wrong:
+            raise ValueError(f"{d}: the files disagree with {META_FILE} (field: recorded, found): {wrong}")
+        parent = nodes["parent"]
+        # Breadth-first numbering: node e + 1 is reached by edge e, and edges are grouped by parent.
+        if n_nodes == 0 or parent[0] != -1 or np.any(parent[1:] < 0) or np.any(parent[1:] >= np.arange(1, n_nodes)) or np.any(np.diff(parent[1:]) < 0):
+            raise ValueError(f"corrupt SIDTrie at {d}: node parents are not in breadth-first order")
+        offsets = np.zeros(n_nodes + 1, dtype=np.int64)
+        np.cumsum(np.bincount(parent[1:], minlength=n_nodes), out=offsets[1:])
+        trie = cls(
+            offsets=offsets,
+            child_tokens=nodes["token"][1:],
+            child_nodes=np.arange(1, n_nodes, dtype=np.int64),
+            node_depth=nodes["depth"],
+            terminal_sid=nodes["terminal_sid"],
+            row_sid=rows["sid_index"],
+            vocab_size=int(meta["vocab_size"]),
+            max_length=int(meta["max_length"]),
+        )
+        if trie.n_sids != meta.get("n_sids"):
+            raise ValueError(f"{d}: {trie.n_sids} SIDs in the files, {meta.get('n_sids')} in {META_FILE}")
         if validate:
             trie.validate()
         return trie
+
+
+def write_meta(path_dir: str, *, vocab_size: int, max_length: int, n_nodes: int, n_sids: int, n_rows: int) -> None:
+    """``trie.json`` of a trie whose ``nodes/`` and ``rows/`` are already written under ``path_dir``."""
+    meta = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "vocab_size": int(vocab_size), "max_length": int(max_length),
+        "pad": PAD, "eos": EOS, "n_nodes": int(n_nodes), "n_sids": int(n_sids), "n_rows": int(n_rows),
+    }  # fmt: skip
+    fs, inner = resolve_filesystem(path_dir)
+    fs.create_dir(inner, recursive=True)
+    with fs.open_output_stream(f"{inner}/{META_FILE}") as out:
+        out.write((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _sorted_columns(table: pa.Table, schema: dict[str, pa.DataType], key: str, where: str) -> dict[str, np.ndarray]:
+    """The columns of ``table`` as numpy arrays in ``key`` order, after checking names and types and
+    that ``key`` is exactly 0..n-1."""
+    for name, dtype in schema.items():
+        if name not in table.column_names or table.schema.field(name).type != dtype:
+            found = table.schema.field(name).type if name in table.column_names else "missing"
+            raise ValueError(f"{where}: column {name} must be {dtype}, found {found}")
+    columns = {name: table.column(name).to_numpy() for name in schema}
+    order = columns[key]
+    if np.any(np.diff(order) < 0):  # files and rows of a distributed writer come in any order
+        perm = np.argsort(order, kind="stable")
+        columns = {name: values[perm] for name, values in columns.items()}
+    if not np.array_equal(columns[key], np.arange(columns[key].size)):
+        raise ValueError(f"{where}: {key} must number the rows 0..{columns[key].size - 1} once each")
+    return columns

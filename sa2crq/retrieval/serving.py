@@ -42,12 +42,6 @@ class CatalogView:
     trie: SIDTrie
 
 
-def build_serving_trie(sid_table: pa.Table, vocab_size: int) -> SIDTrie:
-    """The trie of a SID table (``item_id``, ``sid``), its rows in serving order (sorted by item id)."""
-    sid = sid_table.sort_by("item_id").column("sid")
-    return SIDTrie.build(sid_token_matrix(sid), pc.list_value_length(sid).to_numpy(zero_copy_only=False), vocab_size)
-
-
 def load_catalog_view(sid_version_url: str) -> CatalogView:
     # Rows sorted by item id: the one row order every serving artifact uses.
     table = read_parquet(f"{sid_version_url}/{layout.SID_TABLE}", columns=["item_id", "sid", "segment"]).sort_by("item_id")

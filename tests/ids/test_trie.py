@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -217,18 +218,57 @@ def test_save_load_round_trip(tmp_path):
         assert getattr(back, f).dtype == getattr(trie, f).dtype
         assert np.array_equal(getattr(back, f), getattr(trie, f))
     assert back.enumerate() == trie.enumerate()
-    assert sorted((tmp_path / "trie").iterdir()) == [tmp_path / "trie" / "trie.json", tmp_path / "trie" / "trie.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "trie").iterdir()) == ["nodes", "rows", "trie.json"]
     # A different trie is not equal.
     other = SIDTrie.build(tokens[:-1], lengths[:-1], vocab_size=6)
     assert other != trie
+
+
+def _shard(table, directory, parts, rng):
+    """Rewrite ``directory`` as ``parts`` parquet files of shuffled rows, as a distributed writer may."""
+    import pyarrow.parquet as pq
+
+    for f in directory.iterdir():
+        f.unlink()
+    shuffled = table.take(rng.permutation(table.num_rows))
+    for i, piece in enumerate(np.array_split(np.arange(table.num_rows), parts)):
+        pq.write_table(shuffled.take(piece), directory / f"part-{parts - i:05d}.parquet")
+
+
+def test_load_reads_sharded_files_in_any_order_and_checks_them(tmp_path):
+    rng = np.random.default_rng(4)
+    tokens, lengths = pad_rows([(5, EOS), (5, 7, EOS), (6, EOS), (5, EOS), (6, 2, 3, EOS)])
+    trie = SIDTrie.build(tokens, lengths, vocab_size=10)
+    trie.save(tmp_path)
+    import pyarrow.parquet as pq
+
+    nodes = pq.read_table(tmp_path / "nodes")
+    _shard(nodes, tmp_path / "nodes", 3, rng)
+    _shard(pq.read_table(tmp_path / "rows"), tmp_path / "rows", 2, rng)
+    assert SIDTrie.load(tmp_path) == trie
+
+    # A node whose parent comes after it cannot be a breadth-first trie.
+    parent = nodes.column("parent").to_numpy().copy()
+    parent[-1] = trie.n_nodes - 1
+    _shard(nodes.set_column(1, "parent", pa.array(parent)), tmp_path / "nodes", 1, rng)
+    with pytest.raises(ValueError, match="breadth-first"):
+        SIDTrie.load(tmp_path)
+    # A lost file: the counts no longer match trie.json.
+    _shard(nodes.slice(0, trie.n_nodes - 1), tmp_path / "nodes", 1, rng)
+    with pytest.raises(ValueError, match="disagree with trie.json"):
+        SIDTrie.load(tmp_path)
+    # A node numbered twice.
+    _shard(pa.concat_tables([nodes.slice(0, 1), nodes.slice(0, trie.n_nodes - 1)]), tmp_path / "nodes", 1, rng)
+    with pytest.raises(ValueError, match="once each"):
+        SIDTrie.load(tmp_path)
 
 
 def test_load_rejects_wrong_format(tmp_path):
     tokens, lengths = pad_rows([(5, EOS)])
     SIDTrie.build(tokens, lengths, vocab_size=10).save(tmp_path)
     meta = tmp_path / "trie.json"
-    meta.write_text(meta.read_text().replace('"version": 1', '"version": 99'))
-    with pytest.raises(ValueError, match="v1"):
+    meta.write_text(meta.read_text().replace('"version": 2', '"version": 99'))
+    with pytest.raises(ValueError, match="v2"):
         SIDTrie.load(tmp_path)
 
 
