@@ -163,9 +163,16 @@ class TokenizerConfig:
     acrq: ACRQConfig = field(default_factory=ACRQConfig)
     sid: SIDConfig = field(default_factory=SIDConfig)
     segments: SegmentConfig = field(default_factory=SegmentConfig)
+    # Fit on about this many items of each segment, a seeded hash sample (sa2crq.quantize.sample):
+    # training memory and time stop growing with the catalog. 0 = every item.
+    sample_per_segment: int = 250_000
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _require(
+            isinstance(self.sample_per_segment, int) and self.sample_per_segment >= 0,
+            f"sample_per_segment must be a non-negative integer (0 = every item), got {self.sample_per_segment!r}",
+        )
         _require(
             self.quantizer in ("acrq", "rqvae", "rqkmeans"),
             f"quantizer must be acrq, rqvae or rqkmeans, got {self.quantizer!r}",

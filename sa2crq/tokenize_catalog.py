@@ -17,13 +17,14 @@ import pyarrow.parquet as pq
 
 from sa2crq.config import TokenizerConfig
 from sa2crq.data.embed import TextEmbedder, embed_items
-from sa2crq.data.segments import assign_segments
+from sa2crq.data.segments import SEGMENT_NAMES, assign_segments
 from sa2crq.data.splits import popularity
 from sa2crq.data.validation import Validated, validate_interactions, validate_items, write_rejects
 from sa2crq.ids.sid_table import SIDTable, assign_sids
 from sa2crq.ids.trie import SIDTrie
 from sa2crq.metrics.tokenizer_report import tokenizer_report
 from sa2crq.storage.reports import dumps_report
+from sa2crq.quantize.sample import in_sample, sample_fractions, sample_report
 from sa2crq.quantize.tokenizer import Tokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,12 @@ def tokenize_catalog(
     tokenizer = fitted
     if tokenizer is None:
         tokenizer = build_tokenizer(config, embeddings.shape[1])
-        log.info("fitting %s tokenizer on %d items", config.method, len(item_ids))
-        tokenizer.fit(embeddings, segments)
+        counts = np.bincount(segments, minlength=len(SEGMENT_NAMES))
+        fractions = sample_fractions(counts, config.sample_per_segment)
+        sample = in_sample(item_ids, segments, fractions, config.rqvae.seed)
+        log.info("fitting %s tokenizer on %d of %d items", config.method, int(sample.sum()), len(item_ids))
+        tokenizer.fit(embeddings[sample], segments[sample])
+        tokenizer.fit_report["sample"] = sample_report(counts, fractions, config.sample_per_segment)
     codes = tokenizer.encode(embeddings)
     table = assign_sids(item_ids, codes, pop, segments, tokenizer.codebook_sizes(), config.sid)
     report = tokenizer_report(table, tokenizer.fit_report, method=config.method, max_bucket=config.sid.max_bucket)

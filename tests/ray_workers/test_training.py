@@ -54,7 +54,10 @@ def test_fit_tokenizer_checkpoints_on_s3_and_replicas_agree(s3_endpoint, ray_loc
     for part, rows in enumerate(np.array_split(np.arange(ITEMS), 2)):  # two files: a block for each worker
         write_parquet(table.take(rows), f"s3://{bucket}/catalog/part-{part}.parquet")
     run = TrainRun(name=f"tokenizer-{uuid.uuid4().hex[:8]}", storage_path=f"s3://{bucket}/runs", cpus_per_worker=WORKER_CPUS)
-    config = small_config(**{"rqvae.epochs": 6, "acrq.epochs_per_stage": 2})
+    # A cap the torso and cold segments exceed: the workers fit on the stratified sample.
+    config = small_config(**{"rqvae.epochs": 6, "acrq.epochs_per_stage": 2, "sample_per_segment": 300})
+    counts = np.bincount(segments, minlength=len(SEGMENT_NAMES))
+    assert counts[0] <= 300 < min(counts[1], counts[3])
 
     tokenizer = fit_tokenizer(f"s3://{bucket}/catalog", config, run)
 
@@ -64,7 +67,11 @@ def test_fit_tokenizer_checkpoints_on_s3_and_replicas_agree(s3_endpoint, ray_loc
     assert codes.shape == (ITEMS, config.rqvae.levels)
     assert ((codes >= 0) & (codes < np.asarray(tokenizer.codebook_sizes()))).all()
     acrq = tokenizer.fit_report["acrq"]
-    assert acrq["head_items"] == int((segments == 0).sum())  # counted over both shards
+    assert acrq["head_items"] == int((segments == 0).sum())  # counted over both shards, the head kept whole
+    sample = tokenizer.fit_report["sample"]
+    assert sample["per_segment"] == 300
+    assert [sample["segments"][name]["items"] for name in SEGMENT_NAMES] == counts.tolist()
+    assert sample["segments"]["cold"]["fraction"] == round(300 / counts[3], 6) and sample["segments"]["head"]["fraction"] == 1.0
     assert 0.0 <= acrq["head_code_stability"] <= 1.0 and len(acrq["phase2_loss"]) > 0
     # Ray keeps rank 0's metrics only; they carry both ranks' fingerprints, gathered in the group.
     fs, path = resolve_filesystem(f"s3://{bucket}/runs/{run.name}")
