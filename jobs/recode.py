@@ -5,8 +5,9 @@ train the tokenizer (Ray Train) or reuse a published one -> full-depth codes (Ra
 SIDs: SARQ finalisation, or with a reused tokenizer the stability rule of DESIGN §3.3a (Spark) ->
 trie -> churn and remap against the parent version (Spark) -> report -> publish.
 
-Everything is written under the new version's directory; the version becomes visible only when its
-manifest is written, last, and LATEST moves by compare-and-swap. A failed job discards its
+Everything is written under the new version's directory; the version becomes visible only when a
+commit names it, created only if the latest version is still the one it built on
+(:mod:`sa2crq.storage.publish`). A failed job discards its
 unpublished files and leaves the published versions untouched. A recode whose churn exceeds
 ``churn_limit`` refuses to publish (unless forced) and leaves its files, unpublished, for inspection.
 """
@@ -17,6 +18,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 
 from jobs.config import RecodeConfig, config_dict
 from jobs.engines import SparkStaging, copy_tree, ray_runtime, remove_tree, spark_session
@@ -107,7 +109,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     lap("embed")
 
     # 4. Tokenizer: train (Ray Train) or reuse a published one.
-    tokenizer = _tokenizer(config, publisher, version, f"{url}/{layout.TOKENIZER}")
+    tokenizer = _tokenizer(config, publisher, version, f"{url}/{layout.TOKENIZER}", split)
     lap("tokenizer")
 
     # 5. Full-depth codes (Ray Data actor pool).
@@ -187,7 +189,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     summary.published = True
 
 
-def _tokenizer(config: RecodeConfig, publisher: Publisher, version: str, target: str) -> Tokenizer:
+def _tokenizer(config: RecodeConfig, publisher: Publisher, version: str, target: str, split) -> Tokenizer:
     if config.reuse_tokenizer is not None:
         copy_tree(f"{publisher.version_url(config.reuse_tokenizer)}/{layout.TOKENIZER}", target)
         tokenizer = load_tokenizer(target)
@@ -199,7 +201,10 @@ def _tokenizer(config: RecodeConfig, publisher: Publisher, version: str, target:
         name=f"tokenizer-{version}", storage_path=config.storage.runs, workers=config.ray.train_workers,
         use_gpu=config.ray.use_gpu, cpus_per_worker=config.ray.cpus_per_train_worker,
     )  # fmt: skip
-    tokenizer = fit_tokenizer(f"{publisher.version_url(version)}/{layout.EMBEDDINGS}", config.tokenizer, run)
+    segment_counts = np.zeros(len(SEGMENT_NAMES), dtype=np.int64)  # the sample's strata, a Spark aggregate
+    for row in split.groupBy("segment").count().collect():
+        segment_counts[SEGMENT_NAMES.index(row["segment"])] = row["count"]
+    tokenizer = fit_tokenizer(f"{publisher.version_url(version)}/{layout.EMBEDDINGS}", config.tokenizer, run, segment_counts=segment_counts)
     tokenizer.save(target)
     return tokenizer
 

@@ -29,7 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer, get_device
 from sa2crq import distributed
 from sa2crq.config import TokenizerConfig
 from sa2crq.data.columns import list_matrix
-from sa2crq.data.segments import SEGMENT_NAMES, segment_codes
+from sa2crq.data.segments import segment_codes
 from sa2crq.quantize.sample import in_sample, sample_fractions, sample_report
 from sa2crq.quantize.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from sa2crq.retrieval.checkpoint import load_retriever, save_retriever
@@ -75,12 +75,12 @@ class TrainRun:
 # --------------------------------------------------------------------------------------------------------
 
 
-def fit_tokenizer(catalog_url: str, config: TokenizerConfig, run: TrainRun) -> Tokenizer:
+def fit_tokenizer(catalog_url: str, config: TokenizerConfig, run: TrainRun, *, segment_counts: np.ndarray) -> Tokenizer:
     """Fit the tokenizer on the catalog (``item_id``, ``segment``, ``embedding``), data-parallel.
 
     Every worker trains on its shard of the catalog's stratified sample (about
-    ``config.sample_per_segment`` items per segment, :mod:`sa2crq.quantize.sample`; the fit report
-    records it); the checkpoint holds the tokenizer and its fit report (``fit_report.json`` beside the safetensors), which the returned tokenizer carries.
+    ``config.sample_per_segment`` items per segment, :mod:`sa2crq.quantize.sample`, given the
+    catalog's ``segment_counts`` indexed by segment code; the fit report records it); the checkpoint holds the tokenizer and its fit report (``fit_report.json`` beside the safetensors), which the returned tokenizer carries.
     RQ-KMeans (one faiss k-means per level) is not data-parallel: it runs on one worker.
     """
     if config.quantizer == "rqkmeans" and run.workers != 1:
@@ -91,11 +91,8 @@ def fit_tokenizer(catalog_url: str, config: TokenizerConfig, run: TrainRun) -> T
     embedding_type = catalog.schema().base_schema.field("embedding").type
     if not pa.types.is_fixed_size_list(embedding_type):
         raise ValueError(f"{catalog_url}: embedding must be a fixed-size list of floats, got {embedding_type}")
-    # The stratified sample: per-batch segment counts reach the driver, then each read task filters its rows.
-    counts = np.zeros(len(SEGMENT_NAMES), dtype=np.int64)
-    for row in catalog.select_columns(["segment"]).map_batches(_count_segments, batch_format="pyarrow").iter_rows():
-        counts[row["segment"]] += row["items"]
-    fractions = sample_fractions(counts, config.sample_per_segment)
+    # The stratified sample, drawn by each read task from the catalog's items per segment.
+    fractions = sample_fractions(segment_counts, config.sample_per_segment)
     sample = catalog.map_batches(_keep_sample, fn_kwargs={"fractions": fractions, "seed": config.rqvae.seed}, batch_format="pyarrow")
     args = {"config": config, "dim": embedding_type.list_size}
     result = _trainer(_fit_tokenizer_per_worker, args, run, {CATALOG: sample.select_columns(["segment", "embedding"])}).fit()
@@ -104,13 +101,8 @@ def fit_tokenizer(catalog_url: str, config: TokenizerConfig, run: TrainRun) -> T
         tokenizer = load_tokenizer(directory)
         with open(os.path.join(directory, FIT_REPORT_FILE)) as f:
             tokenizer.fit_report = json.load(f)
-    tokenizer.fit_report["sample"] = sample_report(counts, fractions, config.sample_per_segment)
+    tokenizer.fit_report["sample"] = sample_report(segment_counts, fractions, config.sample_per_segment)
     return tokenizer
-
-
-def _count_segments(batch: pa.Table) -> pa.Table:
-    counts = np.bincount(segment_codes(batch.column("segment")), minlength=len(SEGMENT_NAMES))
-    return pa.table({"segment": np.arange(len(SEGMENT_NAMES)), "items": counts.astype(np.int64)})
 
 
 def _keep_sample(batch: pa.Table, fractions: np.ndarray, seed: int) -> pa.Table:

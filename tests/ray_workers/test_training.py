@@ -59,7 +59,7 @@ def test_fit_tokenizer_checkpoints_on_s3_and_replicas_agree(s3_endpoint, ray_loc
     counts = np.bincount(segments, minlength=len(SEGMENT_NAMES))
     assert counts[0] <= 300 < min(counts[1], counts[3])
 
-    tokenizer = fit_tokenizer(f"s3://{bucket}/catalog", config, run)
+    tokenizer = fit_tokenizer(f"s3://{bucket}/catalog", config, run, segment_counts=counts)
 
     stored = {p.rsplit("/", 1)[-1] for p in fsspec.filesystem("s3").ls(f"{bucket}/runs/{run.name}/tokenizer")}
     assert {"model.safetensors", "checkpoint.json", "fit_report.json"} <= stored
