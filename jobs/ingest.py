@@ -6,9 +6,9 @@ published item keeps its SID, new items are placed against the published occupan
 (:func:`jobs.spark_stability.stable_sids_spark` with every published item pinned) -> publish a new
 version holding the full table and the delta.
 
-Two ingests may run at once: each builds on the LATEST it read, and the publisher's
-compare-and-swap lets only one of them move LATEST; the other discards its attempt and rebuilds on
-the new LATEST, so neither batch is lost. Ingest never changes an existing item: a batch row whose
+Two ingests may run at once: each builds on the latest version it read, and the publisher's commit
+log lets only one of them commit on top of it; the other discards its attempt and rebuilds on the
+winner, so neither batch is lost. Ingest never changes an existing item: a batch row whose
 id is already published is reported as such and not re-coded (a recode changes items).
 """
 

@@ -1,40 +1,48 @@
-"""Versioned publishing (DESIGN §4): nothing is visible until its manifest is written, last.
+"""Versioned publishing (DESIGN §4): a version is visible whole or not at all, and no commit is lost.
 
 Layout under a root (a local path or any fsspec URL)::
 
     ROOT/versions/<version>/...             the version's files, written by the job
-    ROOT/versions/<version>/_MANIFEST.json  written last: names, sizes and sha256 of every file
-    ROOT/LATEST                             the version readers should use
+    ROOT/versions/<version>/_MANIFEST.json  names, sizes and sha256 of every file, written before the commit
+    ROOT/_commits/<n>.json                  commit n (20 digits): version, parent, time
+    ROOT/LATEST                             the newest commit's version, a copy for people and tools
 
-A version without a manifest does not exist for readers, so a job killed mid-write leaves the
-previous version readable and LATEST untouched. LATEST moves by compare-and-swap: the publisher
-names the version it built on, and the switch happens under an exclusive lock object (created
-only if absent) only if LATEST still names that version; otherwise :class:`ConcurrentPublishError`
-tells the caller to rebuild on top of the newer version, so two jobs publishing at once cannot
-lose an update. The manifest is written under the same lock, just before the pointer moves, so a
-refused attempt leaves no manifest behind and can be discarded.
+The commit log is the truth: a version is published when a commit names it, and the latest version
+is the one the highest commit names. Commit n + 1 is created only if it does not exist (an exclusive
+create: a hard link locally, a conditional ``PUT`` with ``If-None-Match: *`` on S3), and only by a
+publisher whose parent is the version commit n names. Of two publishers that built on the same
+version exactly one creates n + 1; the other gets :class:`ConcurrentPublishError` and rebuilds on
+the winner, so no update is lost (the optimistic concurrency of Delta Lake's and Iceberg's logs).
+There is no lock, no lease and no clock to compare: a publisher killed at any point leaves no
+commit (its files are an unpublished attempt) or a whole one. A storage error other than "already
+exists" is raised as itself, never reported as a conflict.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import time
+import logging
+import os
+import re
 import uuid
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any
 
 from sa2crq.storage.filesystem import fsspec_filesystem
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "_MANIFEST.json"
 LATEST = "LATEST"
-LOCK = "LATEST.lock"
+COMMITS = "_commits"
+_COMMIT_NAME = re.compile(r"^(\d{20})\.json$")
 
 
 class ConcurrentPublishError(RuntimeError):
-    """LATEST moved since the publisher read it: rebuild on the new version and publish again."""
+    """Another publisher committed since this one read the latest version: rebuild on it and publish again."""
 
 
 @dataclass(frozen=True)
@@ -46,14 +54,21 @@ class Manifest:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Commit:
+    number: int
+    version: str
+    parent: str | None
+    committed_at: str
+
+
 class Publisher:
-    def __init__(self, root: str, *, lock_timeout_s: float = 30.0, stale_lock_s: float = 600.0) -> None:
-        # Object stores need fsspec; exclusive create ("xb") is what the lock relies on.
+    def __init__(self, root: str) -> None:
+        # Object stores need fsspec; exclusive create ("xb") is what a commit relies on.
         self.root_url = root.rstrip("/")
         self.fs, self.root = fsspec_filesystem(root)
         self.root = self.root.rstrip("/")
-        self.lock_timeout_s = lock_timeout_s
-        self.stale_lock_s = stale_lock_s
+        self._commits: dict[int, Commit] = {}  # commits never change once written: read each once
 
     # -- reading -----------------------------------------------------------------------------
     def version_path(self, version: str) -> str:
@@ -63,26 +78,31 @@ class Publisher:
         """The version's directory as a URL (or local path) other engines can open."""
         return f"{self.root_url}/versions/{version}"
 
-    def latest(self) -> str | None:
-        """The version LATEST names, or None before the first publish."""
-        path = f"{self.root}/{LATEST}"
-        if not self.fs.exists(path):
-            return None
-        return self.fs.cat_file(path).decode().strip() or None
-
-    def manifest(self, version: str) -> Manifest:
-        path = f"{self.version_path(version)}/{MANIFEST}"
-        if not self.fs.exists(path):
-            raise FileNotFoundError(f"version {version} is not published (no {MANIFEST})")
-        return Manifest(**json.loads(self.fs.cat_file(path)))
-
-    def versions(self) -> list[str]:
-        """Published versions (those with a manifest), oldest first."""
-        base = f"{self.root}/versions"
+    def commits(self) -> list[Commit]:
+        """The commit log, oldest first."""
+        base = f"{self.root}/{COMMITS}"
         if not self.fs.exists(base):
             return []
-        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
-        return [v for v in names if self.fs.exists(f"{base}/{v}/{MANIFEST}")]
+        numbers = sorted(int(m.group(1)) for p in self.fs.ls(base, detail=False) if (m := _COMMIT_NAME.match(p.rstrip("/").rsplit("/", 1)[-1])))
+        for number in numbers:
+            if number not in self._commits:
+                self._commits[number] = Commit(**json.loads(self.fs.cat_file(self._commit_path(number))))
+        return [self._commits[n] for n in numbers]
+
+    def latest(self) -> str | None:
+        """The version the newest commit names, or None before the first publish."""
+        history = self.commits()
+        return history[-1].version if history else None
+
+    def versions(self) -> list[str]:
+        """Published versions, oldest first."""
+        return [c.version for c in self.commits()]
+
+    def manifest(self, version: str) -> Manifest:
+        """The manifest of a published version."""
+        if version not in self.versions():
+            raise FileNotFoundError(f"version {version} is not published (no commit names it)")
+        return Manifest(**json.loads(self.fs.cat_file(f"{self.version_path(version)}/{MANIFEST}")))
 
     # -- writing -----------------------------------------------------------------------------
     def new_version(self) -> str:
@@ -93,9 +113,9 @@ class Publisher:
         return version
 
     def publish(self, version: str, *, parent: str | None, meta: dict[str, Any] | None = None) -> Manifest:
-        """Write the manifest of ``version`` (built on ``parent``) and move LATEST to it, if LATEST
-        still names ``parent``; otherwise raise :class:`ConcurrentPublishError` and write nothing, so
-        the caller can discard the attempt and rebuild on the newer version."""
+        """Write the manifest of ``version`` (built on ``parent``), then commit it if ``parent`` is
+        still the latest version; otherwise raise :class:`ConcurrentPublishError` having committed
+        nothing, so the caller can discard the attempt and rebuild on the newer version."""
         base = self.version_path(version)
         files = {}
         for path in sorted(self.fs.find(base)):
@@ -104,57 +124,78 @@ class Publisher:
                 continue
             files[relative] = {"size": self.fs.size(path), "sha256": _sha256(self.fs, path)}
         manifest = Manifest(version, parent, datetime.now(timezone.utc).isoformat(), files, dict(meta or {}))
-        with self._lock():
-            current = self.latest()
-            if current != parent:
-                raise ConcurrentPublishError(f"LATEST is {current}, not {parent}: rebuild on {current} and publish again")
-            # Manifest first, then the pointer: a crash between leaves a complete version nobody points at.
-            with self.fs.open(f"{base}/{MANIFEST}", "wb") as f:
-                f.write(json.dumps(asdict(manifest), indent=2, sort_keys=True).encode())
-            self._write_pointer(version)
+        # Unpublished until a commit names it, so the manifest is written without any coordination.
+        self.fs.pipe_file(f"{base}/{MANIFEST}", json.dumps(asdict(manifest), indent=2, sort_keys=True).encode())
+        history = self.commits()
+        current = history[-1].version if history else None
+        if current != parent:
+            raise ConcurrentPublishError(f"the latest version is {current}, not {parent}: rebuild on {current} and publish again")
+        commit = Commit(len(history), version, parent, datetime.now(timezone.utc).isoformat())
+        self._create_commit(commit)
+        self._commits[commit.number] = commit
+        try:  # a convenience copy: readers go by the log, so a failure here loses nothing
+            self.fs.pipe_file(f"{self.root}/{LATEST}", version.encode())
+        except OSError as err:
+            log.warning("version %s is committed but %s/%s was not updated: %s", version, self.root_url, LATEST, err)
         return manifest
 
     def discard(self, version: str) -> None:
         """Delete an unpublished version's files (a refused or superseded attempt); published ones are kept."""
-        if self.fs.exists(f"{self.version_path(version)}/{MANIFEST}"):
+        if version in self.versions():
             raise ValueError(f"version {version} is published; it is not discarded")
         if self.fs.exists(self.version_path(version)):
             self.fs.rm(self.version_path(version), recursive=True)
 
-    def _write_pointer(self, version: str) -> None:
-        # Write beside, then move: a reader sees the old pointer or the new one, never half of one.
-        tmp = f"{self.root}/.{LATEST}.{uuid.uuid4().hex}"
-        self.fs.pipe_file(tmp, version.encode())
-        self.fs.mv(tmp, f"{self.root}/{LATEST}")
+    def _commit_path(self, number: int) -> str:
+        return f"{self.root}/{COMMITS}/{number:020d}.json"
 
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        path = f"{self.root}/{LOCK}"
-        deadline = time.monotonic() + self.lock_timeout_s
-        while True:
-            try:
-                with self.fs.open(path, "xb") as f:
-                    f.write(str(time.time()).encode())
-                break
-            except OSError as err:  # FileExistsError locally; s3fs reports the failed precondition as OSError
-                # The holder may release between our failed create and this check: just try again.
-                self._break_if_stale(path)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"could not take {path} within {self.lock_timeout_s:.0f} s") from err
-                time.sleep(0.05)
+    def _create_commit(self, commit: Commit) -> None:
+        path = self._commit_path(commit.number)
+        self.fs.makedirs(f"{self.root}/{COMMITS}", exist_ok=True)
         try:
-            yield
-        finally:
-            self.fs.rm_file(path)
+            self._exclusive_write(path, json.dumps(asdict(commit), sort_keys=True).encode())
+        except OSError as err:
+            if _already_exists(err):
+                winner = json.loads(self.fs.cat_file(path))
+                if winner["version"] == commit.version:  # our own create, its reply lost and retried
+                    return
+                raise ConcurrentPublishError(
+                    f"version {winner['version']} was committed as #{commit.number} first: rebuild on it and publish again"
+                ) from err
+            # The create may have landed before the error (a lost reply): the log decides.
+            if self.fs.exists(path) and json.loads(self.fs.cat_file(path))["version"] == commit.version:
+                return
+            raise
 
-    def _break_if_stale(self, path: str) -> None:
-        """A lock older than ``stale_lock_s`` belongs to a killed job: remove it."""
-        try:
-            taken = float(self.fs.cat_file(path).decode())
-        except (FileNotFoundError, ValueError):  # gone, or its holder is still writing the timestamp
+
+    def _exclusive_write(self, path: str, data: bytes) -> None:
+        """Create ``path`` holding ``data`` if it does not exist, in one step a reader cannot see half
+        of: on S3 a conditional PUT; locally a hard link of a finished temporary file (``O_EXCL`` and
+        then writing would show a concurrent reader an empty file, and leave one after a crash)."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        if not isinstance(self.fs, LocalFileSystem):
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
             return
-        if time.time() - taken > self.stale_lock_s:
-            self.fs.rm_file(path)
+        staged = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(staged, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(staged, path)  # atomic; FileExistsError when the number is taken
+        finally:
+            os.unlink(staged)
+
+
+def _already_exists(err: OSError) -> bool:
+    """An exclusive create found the file: FileExistsError locally (and from s3fs when the server
+    names the failed condition), else S3's 412 Precondition Failed, which s3fs raises as EINVAL."""
+    if isinstance(err, FileExistsError):
+        return True
+    code = getattr(err.__cause__, "response", {}).get("Error", {}).get("Code")  # s3fs chains botocore's error
+    return err.errno == errno.EINVAL and (code in ("PreconditionFailed", "412") or "precondition" in str(err).lower().replace("-", ""))
 
 
 def _sha256(fs, path: str) -> str:

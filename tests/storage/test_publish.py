@@ -1,14 +1,17 @@
-"""Versioned publishing: manifest last, atomic LATEST by compare-and-swap, on a local path and on S3."""
+"""Versioned publishing: a commit log of exclusive creates, on a local path and on S3: a version is
+visible whole or not at all, no commit is lost, and storage errors are not taken for conflicts."""
 
 from __future__ import annotations
 
+import errno
 import threading
 import uuid
+from datetime import datetime, timezone
 
 import fsspec
 import pytest
 
-from sa2crq.storage.publish import MANIFEST, ConcurrentPublishError, Publisher
+from sa2crq.storage.publish import LATEST, MANIFEST, Commit, ConcurrentPublishError, Publisher
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -32,9 +35,11 @@ def test_a_version_is_visible_only_once_published(root):
     publisher = Publisher(root)
     assert publisher.latest() is None
     first = build(publisher, "a")
-    assert publisher.versions() == []  # files written, no manifest yet: invisible
+    assert publisher.versions() == []  # files written, no commit yet: invisible
     manifest = publisher.publish(first, parent=None, meta={"rows": 1})
     assert publisher.latest() == first and publisher.versions() == [first]
+    assert Publisher(root).latest() == first  # a fresh reader goes by the log
+    assert publisher.fs.cat_file(f"{publisher.root}/{LATEST}") == first.encode()  # the copy for people and tools
     assert manifest.files["part-0.txt"]["size"] == 1 and len(manifest.files["part-0.txt"]["sha256"]) == 64
     assert publisher.manifest(first).meta == {"rows": 1}
 
@@ -91,10 +96,51 @@ def test_concurrent_publishers_form_one_chain(root):
     assert len(chain) == 4  # every publish is on the chain: no update was lost
 
 
-def test_a_stale_lock_from_a_killed_job_is_broken(tmp_path):
-    publisher = Publisher(str(tmp_path), stale_lock_s=0.0, lock_timeout_s=5)
-    publisher.fs.pipe_file(f"{publisher.root}/LATEST.lock", b"0")
-    version = build(publisher, "x")
-    publisher.publish(version, parent=None)
-    assert publisher.latest() == version
-    assert MANIFEST in [p.rsplit("/", 1)[-1] for p in publisher.fs.ls(publisher.version_path(version), detail=False)]
+@pytest.mark.timeout(120)
+def test_a_job_killed_between_manifest_and_commit_publishes_nothing(root):
+    publisher = Publisher(root)
+    base = build(publisher, "base")
+    publisher.publish(base, parent=None)
+    killed = build(publisher, "killed")
+    publisher.fs.pipe_file(f"{publisher.version_path(killed)}/{MANIFEST}", b"{}")  # the manifest, then death
+    assert publisher.latest() == base and publisher.versions() == [base]
+    with pytest.raises(FileNotFoundError, match="not published"):
+        publisher.manifest(killed)
+    publisher.discard(killed)  # the next run clears the attempt
+    assert not any(publisher.fs.isfile(p) for p in publisher.fs.find(publisher.version_path(killed)))  # SeaweedFS may keep the empty directory
+    with pytest.raises(ValueError, match="is published"):
+        publisher.discard(base)
+    assert not any("lock" in p.lower() for p in publisher.fs.ls(publisher.root, detail=False))  # nothing to go stale
+
+
+@pytest.mark.timeout(120)
+def test_two_writers_racing_for_one_commit_number_cannot_both_win(root):
+    """The slow writer read the log before the fast one committed: its create of the same number fails
+    as a conflict naming the winner, and the log keeps the winner."""
+    slow, fast = Publisher(root), Publisher(root)
+    base = build(fast, "base")
+    fast.publish(base, parent=None)
+    mine, theirs = build(slow, "mine"), build(fast, "theirs")
+    fast.publish(theirs, parent=base)
+    now = datetime.now(timezone.utc).isoformat()
+    with pytest.raises(ConcurrentPublishError, match=f"{theirs} was committed as #1"):
+        slow._create_commit(Commit(1, mine, base, now))
+    assert Publisher(root).versions() == [base, theirs]
+    fast._create_commit(Commit(1, theirs, base, now))  # its own create retried after a lost reply: done, not a conflict
+    slow.discard(mine)
+
+
+@pytest.mark.timeout(120)
+def test_a_storage_error_is_raised_as_itself_and_commits_nothing(root, monkeypatch):
+    publisher = Publisher(root)
+    base = build(publisher, "base")
+    publisher.publish(base, parent=None)
+    attempt = build(publisher, "attempt")
+
+    def denied(path: str, data: bytes) -> None:
+        raise PermissionError(errno.EACCES, "Access Denied")
+
+    monkeypatch.setattr(publisher, "_exclusive_write", denied)
+    with pytest.raises(PermissionError, match="Access Denied"):
+        publisher.publish(attempt, parent=base)
+    assert Publisher(root).versions() == [base]
