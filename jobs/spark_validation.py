@@ -44,7 +44,8 @@ def validate_items(items: DataFrame, *, max_reject_fraction: float) -> SparkVali
     marked = items.join(duplicated.select("item_id", F.lit(True).alias("_duplicate")), "item_id", "left")
     has_text = F.lit(False)
     for column in text_columns:
-        has_text = has_text | F.coalesce(F.length(F.trim(F.col(column))) > 0, F.lit(False))
+        # Any Unicode non-whitespace character, as the library's utf8_trim_whitespace (F.trim strips spaces only).
+        has_text = has_text | F.coalesce(F.col(column).rlike(r"(?U)\S"), F.lit(False))
     rules = {
         "null_item_id": F.col("item_id").isNull(),
         "duplicate_item_id": F.coalesce(F.col("_duplicate"), F.lit(False)),

@@ -18,10 +18,11 @@ def _items() -> pa.Table:
     ok = [0.6, 0.8, 0.0]
     return pa.table(
         {
-            "item_id": pa.array([1, 2, 2, None, 5, 6, 7, 8, 9, 10], pa.int64()),
-            "title": ["a", "b", "c", "d", "  ", None, "g", "h", "", "j"],
+            "item_id": pa.array([1, 2, 2, None, 5, 6, 7, 8, 9, 10, 11, 12, 13], pa.int64()),
+            # 11, 12: blank in every whitespace, not only spaces (tab, newline, no-break and ideographic space)
+            "title": ["a", "b", "c", "d", "  ", None, "g", "h", "", "j", "\t\n", "\u00a0\u3000", "\tx\n"],
             "embedding": pa.array(
-                [ok, None, ok, ok, None, ok, [1.0, 0.0], [math.nan, 1.0, 0.0], [0.0, 0.0, 0.0], None],
+                [ok, None, ok, ok, None, ok, [1.0, 0.0], [math.nan, 1.0, 0.0], [0.0, 0.0, 0.0], None, None, None, None],
                 pa.list_(pa.float32()),
             ),
         }
