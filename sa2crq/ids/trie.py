@@ -564,7 +564,8 @@ def _sorted_columns(table: pa.Table, schema: dict[str, pa.DataType], key: str, w
         if name not in table.column_names or table.schema.field(name).type != dtype:
             found = table.schema.field(name).type if name in table.column_names else "missing"
             raise ValueError(f"{where}: column {name} must be {dtype}, found {found}")
-    columns = {name: table.column(name).to_numpy() for name in schema}
+    # Writable (copied where pyarrow hands out a read-only view): callers may wrap them in torch tensors.
+    columns = {name: np.require(table.column(name).to_numpy(), requirements="W") for name in schema}
     order = columns[key]
     if np.any(np.diff(order) < 0):  # files and rows of a distributed writer come in any order
         perm = np.argsort(order, kind="stable")
