@@ -117,6 +117,9 @@ class RecodeConfig:
     reuse_tokenizer: str | None = None
     # Refuse to publish when more than this share of items changed SID (``--force`` overrides).
     churn_limit: float = 0.05
+    # Refuse to publish when more than this share of the previous version's items is gone: a truncated
+    # or stale item snapshot would otherwise publish at low churn (``--force`` overrides).
+    removed_limit: float = 0.10
     # Popularity window [start, end) on the interactions' timestamp; None leaves a side open.
     window_start: int | None = None
     window_end: int | None = None
@@ -130,6 +133,7 @@ class RecodeConfig:
     def __post_init__(self) -> None:
         _require(bool(self.items) and bool(self.interactions), "recode needs items and interactions (their parquet paths)")
         _require(0.0 <= self.churn_limit <= 1.0, "churn_limit must be in [0, 1]")
+        _require(0.0 <= self.removed_limit <= 1.0, "removed_limit must be in [0, 1]")
         _require(self.shards >= 1, "shards must be >= 1")
         _require(0.0 <= self.max_reject_fraction <= 1.0, "max_reject_fraction must be in [0, 1]")
         _absolute_paths(self, "items", "interactions", "embedding_cache")

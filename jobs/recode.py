@@ -9,7 +9,8 @@ Everything is written under the new version's directory; the version becomes vis
 commit names it, created only if the latest version is still the one it built on
 (:mod:`sa2crq.storage.publish`). A failed job discards its
 unpublished files and leaves the published versions untouched. A recode whose churn exceeds
-``churn_limit`` refuses to publish (unless forced) and leaves its files, unpublished, for inspection.
+``churn_limit``, or that lost more than ``removed_limit`` of the previous version's items, refuses to
+publish (unless forced) and leaves its files, unpublished, for inspection.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 class ChurnLimitExceeded(RuntimeError):
-    """More items changed SID than the churn limit allows; nothing was published."""
+    """More items changed SID, or more of the previous version's items are gone, than the limits
+    allow; nothing was published."""
 
 
 def run_recode(config: RecodeConfig, *, force: bool = False) -> JobSummary:
@@ -177,16 +179,30 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     summary.add("tokenizer", f"{url}/{layout.TOKENIZER}")
     summary.add("report", f"{url}/{layout.REPORT}")
 
-    if parent is not None and churn["churn"] > config.churn_limit and not force:
+    refusal = publish_refusal(churn, config) if parent is not None and not force else None
+    if refusal is not None:
         summary.notes.append(f"unpublished files left at {url} for inspection")
         raise ChurnLimitExceeded(
-            f"SID churn {churn['churn']:.2%} against version {parent} exceeds the limit of {config.churn_limit:.2%} "
-            f"({churn['changed']:,} of {churn['common']:,} items changed SID): nothing published. The remap is at "
-            f"{url}/{layout.REMAP}; rerun with --force to publish anyway."
+            f"{refusal} against version {parent}: nothing published. The remap is at {url}/{layout.REMAP}; "
+            "rerun with --force to publish anyway."
         )
     publisher.publish(version, parent=parent, meta={"job": "recode", "items": trie.n_rows, "churn": churn["churn"],
                                                     "vocab": vocab.to_dict(), "sid_config": config_dict(config.tokenizer.sid)})  # fmt: skip
     summary.published = True
+
+
+def publish_refusal(churn: dict[str, Any], config: RecodeConfig) -> str | None:
+    """Why a recode must not publish over its parent (churn and remap counts of
+    :func:`jobs.spark_stability.sid_churn_spark`), or None: too many kept items changed SID, or too
+    many of the parent's items are gone."""
+    if churn["churn"] > config.churn_limit:
+        return (f"SID churn {churn['churn']:.2%} exceeds the limit of {config.churn_limit:.2%} "
+                f"({churn['changed']:,} of {churn['common']:,} items changed SID)")  # fmt: skip
+    removed = churn["removed"] / max(churn["previous"], 1)
+    if removed > config.removed_limit:
+        return (f"{churn['removed']:,} of the previous version's {churn['previous']:,} items ({removed:.2%}) are missing, "
+                f"above the limit of {config.removed_limit:.2%}: is the item snapshot truncated or stale?")  # fmt: skip
+    return None
 
 
 def _tokenizer(config: RecodeConfig, publisher: Publisher, version: str, target: str, split) -> Tokenizer:
