@@ -3,14 +3,14 @@
 validate (Spark) -> catalog split: popularity, segments, shards (Spark) -> embed (Ray Data) ->
 train the tokenizer (Ray Train) or reuse a published one -> full-depth codes (Ray Data) ->
 SIDs: SARQ finalisation, or with a reused tokenizer the stability rule of DESIGN §3.3a (Spark) ->
-trie -> churn and remap against the parent version (Spark) -> report -> publish.
+trie (Spark) -> churn and remap against the parent version (Spark) -> report -> publish.
 
 Everything is written under the new version's directory; the version becomes visible only when a
 commit names it, created only if the latest version is still the one it built on
-(:mod:`sa2crq.storage.publish`). A failed job discards its
-unpublished files and leaves the published versions untouched. A recode whose churn exceeds
-``churn_limit``, or that lost more than ``removed_limit`` of the previous version's items, refuses to
-publish (unless forced) and leaves its files, unpublished, for inspection.
+(:mod:`sa2crq.storage.publish`). A failed job discards its unpublished files and leaves the
+published versions untouched. A recode whose churn exceeds ``churn_limit``, or that lost more than
+``removed_limit`` of the previous version's items, refuses to publish (unless forced) and leaves its
+files, unpublished, for inspection.
 """
 
 from __future__ import annotations

@@ -78,10 +78,11 @@ class TrainRun:
 def fit_tokenizer(catalog_url: str, config: TokenizerConfig, run: TrainRun, *, segment_counts: np.ndarray) -> Tokenizer:
     """Fit the tokenizer on the catalog (``item_id``, ``segment``, ``embedding``), data-parallel.
 
-    Every worker trains on its shard of the catalog's stratified sample (about
-    ``config.sample_per_segment`` items per segment, :mod:`sa2crq.quantize.sample`, given the
-    catalog's ``segment_counts`` indexed by segment code; the fit report records it); the checkpoint holds the tokenizer and its fit report (``fit_report.json`` beside the safetensors), which the returned tokenizer carries.
-    RQ-KMeans (one faiss k-means per level) is not data-parallel: it runs on one worker.
+    Every worker trains on its shard of the catalog's stratified sample: about
+    ``config.sample_per_segment`` items per segment (:mod:`sa2crq.quantize.sample`), drawn with the
+    catalog's ``segment_counts`` (indexed by segment code). The checkpoint holds the tokenizer and
+    its fit report (``fit_report.json`` beside the safetensors), which the returned tokenizer
+    carries with the sample added. RQ-KMeans (one faiss k-means per level) is not data-parallel: it runs on one worker.
     """
     if config.quantizer == "rqkmeans" and run.workers != 1:
         log.info("%s: RQ-KMeans is not data-parallel, fitting on one worker instead of %d", run.name, run.workers)
