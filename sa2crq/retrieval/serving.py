@@ -68,6 +68,16 @@ class Server:
         """
         _require_values(table, ["request_id", "history"])
         history = table.column("history").combine_chunks()
+        if not (pa.types.is_list(history.type) or pa.types.is_large_list(history.type)):
+            raise ValueError(f"requests: 'history' must be a list of item ids, got {history.type}")
+        id_type = history.type.value_type
+        catalog_ids = self.catalog.index.item_ids.dtype
+        if pa.types.is_integer(id_type) != np.issubdtype(catalog_ids, np.integer):
+            raise ValueError(
+                f"requests: 'history' holds {id_type} item ids but this SID version's item ids are "
+                f"{'integers' if np.issubdtype(catalog_ids, np.integer) else 'strings'} (rule: a history lists item ids "
+                "of the catalog's item_id type)"
+            )
         lengths = pc.list_value_length(history).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         ids = pc.list_flatten(history).to_numpy(zero_copy_only=False)
         rows, known = self.catalog.index.locate(ids)

@@ -116,5 +116,7 @@ def test_requests_with_a_null_id_or_history_are_refused_naming_the_rows(version)
         server.history_requests(bad)
     with pytest.raises(ValueError, match="missing column 'history'"):
         server.history_requests(pa.table({"request_id": [1]}))
+    with pytest.raises(ValueError, match=r"'history' holds string item ids but this SID version's item ids are integers"):
+        server.history_requests(pa.table({"request_id": [1], "history": pa.array([["100"]], pa.list_(pa.string()))}))
     with pytest.raises(ValueError, match="trained on histories only"):
         server.query_requests(pa.table({"request_id": [1], "query": ["red lipstick"]}), lambda texts: np.zeros((len(texts), 4)))
