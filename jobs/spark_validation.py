@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -75,13 +75,17 @@ def validate_interactions(interactions: DataFrame, valid_item_ids: DataFrame, *,
     check_interactions_schema(schema)
     known = valid_item_ids.select("item_id").distinct().withColumn("_known", F.lit(True))
     marked = interactions.join(known.hint("merge"), "item_id", "left")  # the catalog: never broadcast
+    # Copies of one event are identical in these columns, so which copy stays does not matter.
+    event = Window.partitionBy("user_id", "item_id", "timestamp").orderBy("_seq")
+    marked = marked.withColumn("_seq", F.monotonically_increasing_id()).withColumn("_copy", F.row_number().over(event))
     rules = {
         "null_user_id": F.col("user_id").isNull(),
         "null_item_id": F.col("item_id").isNull(),
         "null_timestamp": F.col("timestamp").isNull(),
         "unknown_item_id": F.col("_known").isNull(),
+        "duplicate_interaction": F.col("_copy") > 1,
     }
-    return _quarantine("interactions", marked, INTERACTION_REJECT_REASONS, rules, max_reject_fraction, drop=["_known"])
+    return _quarantine("interactions", marked, INTERACTION_REJECT_REASONS, rules, max_reject_fraction, drop=["_known", "_seq", "_copy"])
 
 
 def _quarantine(name: str, frame: DataFrame, reasons: tuple[str, ...], rules: dict, max_reject_fraction: float, *, drop: list[str]) -> SparkValidated:

@@ -41,7 +41,9 @@ A broken embedding rejects the row even when the row also has text: a broken vec
 is broken, and quietly re-embedding from text would hide that.
 
 Interactions, in this order: ``null_user_id``, ``null_item_id``, ``null_timestamp``, ``unknown_item_id``
-(the item is not among ``known_item_ids``, typically the ids that survived :func:`validate_items`).
+(the item is not among ``known_item_ids``, typically the ids that survived :func:`validate_items`),
+``duplicate_interaction`` (the same ``user_id``, ``item_id`` and ``timestamp`` as an earlier row: a
+re-sent partition would otherwise count its events twice in popularity; the first copy is kept).
 
 **Quarantine has a ceiling.** If the rejected share exceeds ``max_reject_fraction``, the input is refused
 with an :class:`InputError` naming the count, the share and up to ten example rows with their reasons: a
@@ -102,6 +104,7 @@ INTERACTION_REJECT_REASONS: tuple[str, ...] = (
     "null_item_id",
     "null_timestamp",
     "unknown_item_id",
+    "duplicate_interaction",
 )
 
 _MAX_EXAMPLES = 10
@@ -206,11 +209,19 @@ def validate_interactions(
 
     ids = table["item_id"]
     in_catalog = pc.is_in(ids, value_set=known.drop_null().cast(item_type))
+    event = ["user_id", "item_id", "timestamp"]
+    first_copies = (
+        table.select(event).append_column("_row", pa.array(np.arange(table.num_rows)))
+        .group_by(event, use_threads=False).aggregate([("_row", "min")]).column("_row_min").to_numpy()
+    )  # fmt: skip
+    repeated = np.ones(table.num_rows, dtype=bool)
+    repeated[first_copies] = False
     rules = {
         "null_user_id": _to_bool(pc.is_null(table["user_id"])),
         "null_item_id": _to_bool(pc.is_null(ids)),
         "null_timestamp": _to_bool(pc.is_null(table["timestamp"])),
         "unknown_item_id": ~_to_bool(in_catalog),
+        "duplicate_interaction": repeated,
     }
     result = _quarantine(table, INTERACTION_REJECT_REASONS, rules)
     _enforce_ceiling(name, result, max_reject_fraction, ("user_id", "item_id"))

@@ -32,9 +32,10 @@ def _items() -> pa.Table:
 def _interactions() -> pa.Table:
     return pa.table(
         {
-            "user_id": pa.array([1, 1, None, 2, 2], pa.int64()),
-            "item_id": pa.array([1, 2, 1, 99, None], pa.int64()),
-            "timestamp": pa.array([1, 2, 3, None, 5], pa.int64()),
+            # the last two rows: the first event, (1, 1, 1), re-sent twice; its first copy is kept
+            "user_id": pa.array([1, 1, None, 2, 2, 1, 1], pa.int64()),
+            "item_id": pa.array([1, 2, 1, 99, None, 1, 1], pa.int64()),
+            "timestamp": pa.array([1, 2, 3, None, 5, 1, 1], pa.int64()),
         }
     )
 
@@ -66,6 +67,7 @@ def test_spark_and_library_reject_the_same_rows_for_the_same_reasons(spark, tmp_
     assert _by_reason(rejects, keys) == _by_reason(expected.rejects, keys)
     assert got.counts == expected.counts
     assert got.counts["rows_in"] == got.counts["rows_out"] + got.counts["rejected"]
+    assert expected.counts["by_reason"]["duplicate_interaction"] == 2  # the two re-sent copies
 
 
 def test_the_reject_ceiling_and_schema_rules_refuse_the_input(spark, tmp_path):
