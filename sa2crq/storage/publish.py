@@ -155,18 +155,15 @@ class Publisher:
         try:
             self._exclusive_write(path, json.dumps(asdict(commit), sort_keys=True).encode())
         except OSError as err:
-            if _already_exists(err):
-                winner = json.loads(self.fs.cat_file(path))
-                if winner["version"] == commit.version:  # our own create, its reply lost and retried
-                    return
-                raise ConcurrentPublishError(
-                    f"version {winner['version']} was committed as #{commit.number} first: rebuild on it and publish again"
-                ) from err
-            # The create may have landed before the error (a lost reply): the log decides.
-            if self.fs.exists(path) and json.loads(self.fs.cat_file(path))["version"] == commit.version:
+            # The log decides: our own create may have landed before the error (a lost reply, retried).
+            winner = json.loads(self.fs.cat_file(path))["version"] if self.fs.exists(path) else None
+            if winner == commit.version:
                 return
+            if _already_exists(err):
+                raise ConcurrentPublishError(
+                    f"version {winner} was committed as #{commit.number} first: rebuild on it and publish again"
+                ) from err
             raise
-
 
     def _exclusive_write(self, path: str, data: bytes) -> None:
         """Create ``path`` holding ``data`` if it does not exist, in one step a reader cannot see half
