@@ -3,7 +3,8 @@
 Each job takes a typed config file (``--config FILE.json``) and ``--set section.field=value``
 overrides (precedence: defaults < file < --set; see :mod:`jobs.config`). A job ends by printing
 what it wrote where, with row counts. Exit codes: 0 done, 2 bad input or config, 3 refused
-(churn above the limit, or a retriever / SID version mismatch).
+(churn above the limit, or a retriever / SID version mismatch), 4 verification failed (``sa2crq
+versions verify`` found a published file missing, changed, or not in its manifest).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 from jobs.bench_scale import CHAIN
-from jobs.config import JOB_CONFIGS, load_job_config
+from jobs.config import JOB_CONFIGS, StorageConfig, load_job_config
 from sa2crq.cli import add_library_commands, base_parser, run
 
 JOB_HELP = {
@@ -26,6 +27,7 @@ JOB_HELP = {
     "evaluate": "retrieval metrics of a published retriever on held-out targets",
 }
 REFUSED = 3
+VERIFY_FAILED = 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--work", type=Path, default=Path("out/bench/scale"), help="data and storage (one directory per size, emptied first)")
     scale.add_argument("--out", type=Path, help="also write the JSON result here")
     scale.set_defaults(run=_bench_scale)
+    _add_versions_commands(commands)
     for job, help_text in JOB_HELP.items():
         sub = commands.add_parser(job, help=help_text, description=help_text)
         sub.add_argument("--config", help=f"JSON file of {JOB_CONFIGS[job].__name__} fields")
@@ -55,6 +58,63 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--force", action="store_true", help="publish even when SID churn exceeds the limit")
         sub.set_defaults(run=_run_job, job=job)
     return parser
+
+
+def _add_versions_commands(commands: argparse._SubParsersAction) -> None:
+    """``sa2crq versions list|show|diff|verify``: read a store's published versions, write nothing."""
+    versions = commands.add_parser("versions", help="list, show, diff and verify the published versions of a store")
+    actions = versions.add_subparsers(dest="versions_command", required=True)
+
+    def store(sub: argparse.ArgumentParser, *, kind: bool = True) -> argparse.ArgumentParser:
+        sub.add_argument("--root", required=True, help="the storage root (storage.root): a local path, file:// or s3://bucket/prefix")
+        if kind:
+            sub.add_argument("--kind", choices=["sids", "retrievers"], default="sids", help="which versions (default: sids)")
+        else:
+            sub.set_defaults(kind="sids")
+        sub.add_argument("--endpoint-url", default=StorageConfig.endpoint_url,
+                         help="S3 endpoint (storage.endpoint_url; default AWS_ENDPOINT_URL, else the local server)")
+        sub.add_argument("--local-server-dir", default=StorageConfig.local_server_dir,
+                         help="data directory of the local S3 server used when no endpoint is configured")
+        sub.set_defaults(run=_versions)
+        return sub
+
+    store(actions.add_parser("list", help="every published version, oldest first: commit, parent, time, rows, size; LATEST marked"))
+    show = store(actions.add_parser("show", help="a version's manifest (files by part, sizes), meta and report"))
+    show.add_argument("version", help="a published version, or LATEST")
+    show.add_argument("--files", action="store_true", help="list every file, not one line per part")
+    diff = store(actions.add_parser("diff", help="SID churn and remap between two SID versions"), kind=False)
+    diff.add_argument("previous", help="the older version (or LATEST)")
+    diff.add_argument("current", help="the newer version (or LATEST)")
+    diff.add_argument("--examples", type=int, default=5, help="remap rows to print")
+    verify = store(actions.add_parser("verify", help=f"check files against the manifest: size, sha256, unlisted files (exit {VERIFY_FAILED} on any mismatch)"))
+    which = verify.add_mutually_exclusive_group(required=True)
+    which.add_argument("version", nargs="?", help="a published version, or LATEST")
+    which.add_argument("--all", action="store_true", help="every published version")
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from jobs.object_store import object_store
+    from sa2crq.storage.publish import Publisher
+    from sa2crq.storage.versions import (
+        diff_sid_versions, format_check, format_sid_diff, format_version_detail, format_version_list, list_versions,
+        show_version, verify_version,
+    )  # fmt: skip
+
+    storage = StorageConfig(root=args.root, endpoint_url=args.endpoint_url, local_server_dir=args.local_server_dir)
+    with object_store(storage, create_bucket=False):
+        publisher = Publisher(storage.sids if args.kind == "sids" else storage.retrievers)
+        if args.versions_command == "list":
+            summaries = list_versions(publisher)
+            print(format_version_list(summaries) if summaries else f"no {args.kind} version is published under {publisher.root_url}")
+        elif args.versions_command == "show":
+            print(format_version_detail(show_version(publisher, args.version), every_file=args.files))
+        elif args.versions_command == "diff":
+            print(format_sid_diff(diff_sid_versions(publisher, args.previous, args.current), examples=args.examples))
+        else:
+            checks = [verify_version(publisher, v) for v in (publisher.versions() if args.all else [args.version])]
+            print("\n".join(format_check(check) for check in checks) or f"no {args.kind} version is published under {publisher.root_url}")
+            return 0 if all(check.ok for check in checks) else VERIFY_FAILED
+    return 0
 
 
 # Engine chatter that is not progress: py4j logs its connection retries with tracebacks at INFO, and

@@ -121,8 +121,11 @@ def ensure_bucket(root: str, *, timeout_s: float = 30.0) -> None:
 
 
 @contextmanager
-def object_store(storage: StorageConfig) -> Iterator[str | None]:
-    """Make ``storage.root`` reachable for the duration of a job; yields the endpoint in use (None for local paths)."""
+def object_store(storage: StorageConfig, *, create_bucket: bool = True) -> Iterator[str | None]:
+    """Make ``storage.root`` reachable for the duration of a job; yields the endpoint in use (None for local paths).
+
+    ``create_bucket=False`` is for readers (``sa2crq versions``): a configured endpoint's bucket is
+    left as it is, so inspecting a mistyped root creates nothing and needs no write permission."""
     root, endpoint_url, local_server_dir = storage.root, storage.endpoint_url, storage.local_server_dir
     if not root.startswith("s3://"):
         yield None
@@ -130,7 +133,8 @@ def object_store(storage: StorageConfig) -> Iterator[str | None]:
     endpoint = endpoint_url or os.environ.get(ENDPOINT_ENV)
     if endpoint:
         set_endpoint(endpoint)
-        ensure_bucket(root)
+        if create_bucket:
+            ensure_bucket(root)
         yield endpoint
         return
     for name, value in _LOCAL_SERVER_ENV.items():
@@ -140,7 +144,7 @@ def object_store(storage: StorageConfig) -> Iterator[str | None]:
     log.info("started the local S3 server (SeaweedFS) at %s over %s", endpoint, local_server_dir)
     try:
         set_endpoint(endpoint)
-        ensure_bucket(root)
+        ensure_bucket(root)  # always: it also waits for the fresh server's gateway, and this bucket is local
         yield endpoint
     finally:
         os.environ.pop(ENDPOINT_ENV, None)

@@ -122,7 +122,7 @@ class Publisher:
             relative = path[len(base) + 1 :]
             if relative == MANIFEST:
                 continue
-            files[relative] = {"size": self.fs.size(path), "sha256": _sha256(self.fs, path)}
+            files[relative] = {"size": self.fs.size(path), "sha256": file_sha256(self.fs, path)}
         manifest = Manifest(version, parent, datetime.now(timezone.utc).isoformat(), files, dict(meta or {}))
         # Unpublished until a commit names it, so the manifest is written without any coordination.
         self.fs.pipe_file(f"{base}/{MANIFEST}", json.dumps(asdict(manifest), indent=2, sort_keys=True).encode())
@@ -195,7 +195,8 @@ def _already_exists(err: OSError) -> bool:
     return err.errno == errno.EINVAL and (code in ("PreconditionFailed", "412") or "precondition" in str(err).lower().replace("-", ""))
 
 
-def _sha256(fs, path: str) -> str:
+def file_sha256(fs, path: str) -> str:
+    """Hex sha256 of one file, read in 1 MiB blocks (what a manifest records, and what verifying checks)."""
     digest = hashlib.sha256()
     with fs.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -5,23 +5,11 @@ from __future__ import annotations
 
 import errno
 import threading
-import uuid
 from datetime import datetime, timezone
 
-import fsspec
 import pytest
 
 from sa2crq.storage.publish import LATEST, MANIFEST, Commit, ConcurrentPublishError, Publisher
-
-
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "published")
-    request.getfixturevalue("s3_endpoint")
-    bucket = f"publish-{uuid.uuid4().hex[:12]}"
-    fsspec.filesystem("s3").mkdir(bucket)
-    return f"s3://{bucket}/sids"
 
 
 def build(publisher: Publisher, text: str) -> str:
