@@ -15,6 +15,9 @@ from pathlib import Path
 from sa2crq.config import METHODS, load_tokenizer_config
 
 DEFAULT_CACHE = Path(os.environ.get("SA2CRQ_CACHE", ".cache"))
+BAD_INPUT = 2  # exit code: bad input or config (a refused input included)
+# A run's ceiling on the share of rows quarantined (the jobs' configs default to the same).
+DEFAULT_MAX_REJECT_FRACTION = 0.05
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +40,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         return args.run(args)
     except ValueError as err:  # bad input or config: a clear message, not a traceback
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
 
 
 def add_library_commands(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -50,8 +53,17 @@ def add_library_commands(commands: argparse._SubParsersAction) -> argparse._SubP
     tok.add_argument("--config", help="JSON file of config overrides (see sa2crq/config.py)")
     tok.add_argument("--set", dest="assignments", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     tok.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="embedding cache directory")
-    tok.add_argument("--max-reject-fraction", type=float, default=0.05)
+    tok.add_argument("--max-reject-fraction", type=float, default=DEFAULT_MAX_REJECT_FRACTION)
     tok.set_defaults(run=_tokenize)
+
+    check = commands.add_parser(
+        "validate", help="run every input check of a run (accepted / quarantined / refused) without embedding or training"
+    )
+    check.add_argument("--items", required=True, help="items parquet (item_id, text fields, optional embedding)")
+    check.add_argument("--interactions", required=True, help="interactions parquet (user_id, item_id, timestamp)")
+    check.add_argument("--out", type=Path, help="also write the rejects files and validation.json here")
+    check.add_argument("--max-reject-fraction", type=float, default=DEFAULT_MAX_REJECT_FRACTION)
+    check.set_defaults(run=_validate)
 
     data = commands.add_parser("datasets", help="write a public dataset as items/interactions parquet")
     data.add_argument("name", choices=["amazon-beauty", "movielens-100k"])
@@ -128,6 +140,21 @@ def _tokenize(args: argparse.Namespace) -> int:
     for name, path in paths.items():
         print(f"wrote {name}: {path}")
     return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from sa2crq.data.datasets import read_interactions, read_items
+    from sa2crq.input_check import check_input, format_input_check, write_input_check
+
+    check = check_input(
+        read_items(args.items), read_interactions(args.interactions), max_reject_fraction=args.max_reject_fraction
+    )
+    print(format_input_check(check, {"items": args.items, "interactions": args.interactions}))
+    if args.out:
+        print()
+        for name, path in write_input_check(check, args.out).items():
+            print(f"wrote {name}: {path}")
+    return 0 if check.accepted else BAD_INPUT
 
 
 def _datasets(args: argparse.Namespace) -> int:

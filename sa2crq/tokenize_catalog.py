@@ -19,7 +19,13 @@ from sa2crq.config import TokenizerConfig
 from sa2crq.data.embed import TextEmbedder, embed_items
 from sa2crq.data.segments import SEGMENT_NAMES, assign_segments
 from sa2crq.data.splits import popularity
-from sa2crq.data.validation import Validated, validate_interactions, validate_items, write_rejects
+from sa2crq.data.validation import (
+    Validated,
+    ValidatedCatalog,
+    check_embedding_mix,
+    validate_catalog,
+    write_catalog_rejects,
+)
 from sa2crq.ids.sid_table import SIDTable, assign_sids
 from sa2crq.ids.trie import SIDTrie
 from sa2crq.metrics.tokenizer_report import tokenizer_report
@@ -55,16 +61,12 @@ def item_embeddings(items: pa.Table, embedder: TextEmbedder | None) -> np.ndarra
     else:
         if embedder is None:
             raise ValueError(f"{int((~has_own).sum())} items have no embedding and no text embedder was given")
+        check_embedding_mix(items, embedder.embedding_dim)  # before the text model spends any time
         from_text = embed_items(items.filter(pa.array(~has_own)), embedder)
         vectors = np.empty((items.num_rows, from_text.shape[1]), dtype=np.float32)
         vectors[~has_own] = from_text
         if has_own.any():
             own = column.filter(pa.array(has_own)).flatten().to_numpy(zero_copy_only=False)
-            if own.size != has_own.sum() * from_text.shape[1]:
-                raise ValueError(
-                    f"item embeddings have dimension {own.size // int(has_own.sum())}, "
-                    f"the text embedder {from_text.shape[1]}: give every item an embedding or none"
-                )
             vectors[has_own] = own.reshape(-1, from_text.shape[1])
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
@@ -83,10 +85,8 @@ def tokenize_catalog(
     ``fitted``: a tokenizer already trained on the same items and interactions (e.g. shared by two
     variants that differ only in their SID rules); it is used as is instead of training a new one.
     """
-    valid_items = validate_items(items, max_reject_fraction=max_reject_fraction)
-    valid_interactions = validate_interactions(
-        interactions, known_item_ids=valid_items.valid.column("item_id"), max_reject_fraction=max_reject_fraction
-    )
+    validated = validate_catalog(items, interactions, max_reject_fraction=max_reject_fraction)
+    valid_items, valid_interactions = validated.items, validated.interactions
     catalog = valid_items.valid
     item_ids = catalog.column("item_id").to_numpy(zero_copy_only=False)
     embeddings = item_embeddings(catalog, embedder)
@@ -105,7 +105,7 @@ def tokenize_catalog(
     codes = tokenizer.encode(embeddings)
     table = assign_sids(item_ids, codes, pop, segments, tokenizer.codebook_sizes(), config.sid)
     report = tokenizer_report(table, tokenizer.fit_report, method=config.method, max_bucket=config.sid.max_bucket)
-    report["input"] = {"items": valid_items.counts, "interactions": valid_interactions.counts}
+    report["input"] = validated.counts
     return TokenizeResult(table, tokenizer, report, valid_items, valid_interactions)
 
 
@@ -113,19 +113,13 @@ def write_result(result: TokenizeResult, out_dir: str | Path) -> dict[str, str]:
     """SID table, tokenizer checkpoint, trie, rejects and report under ``out_dir``; report last."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "sid_table": out / SID_TABLE_FILE,
-        "tokenizer": out / TOKENIZER_DIR,
-        "trie": out / TRIE_DIR,
-        "rejected_items": out / "rejected_items.parquet",
-        "rejected_interactions": out / "rejected_interactions.parquet",
-        "report": out / REPORT_FILE,
-    }
+    paths = {"sid_table": out / SID_TABLE_FILE, "tokenizer": out / TOKENIZER_DIR, "trie": out / TRIE_DIR}
     pq.write_table(result.table.to_arrow(), paths["sid_table"])
     result.tokenizer.save(str(paths["tokenizer"]))
     table = result.table
     SIDTrie.build(table.tokens, table.sid_len + 1, table.vocab.size).save(paths["trie"])
-    write_rejects(result.items, paths["rejected_items"])
-    write_rejects(result.interactions, paths["rejected_interactions"])
-    paths["report"].write_text(dumps_report(result.report))
-    return {name: str(path) for name, path in paths.items()}
+    written = {name: str(path) for name, path in paths.items()}
+    written |= write_catalog_rejects(ValidatedCatalog(result.items, result.interactions), out)
+    report = out / REPORT_FILE
+    report.write_text(dumps_report(result.report))
+    return written | {"report": str(report)}

@@ -49,6 +49,11 @@ re-sent partition would otherwise count its events twice in popularity; the firs
 with an :class:`InputError` naming the count, the share and up to ten example rows with their reasons: a
 mostly broken input is a pipeline bug, not dirty data. The default ceiling of 1.0 never refuses.
 
+**Both tables together** (:func:`validate_catalog`, what a run does): items first, then interactions
+against the item ids that survived, so an interaction naming a quarantined or absent item is
+``unknown_item_id``, and the two tables must name items by the same id type (integer or string). A run
+stops at the first refusal; a dry run (``sa2crq validate``) collects every table's result and refusal.
+
 Valid rows are returned unchanged (same columns, types and order). For every result,
 ``rows_in == rows_out + rejected``.
 
@@ -76,12 +81,20 @@ __all__ = [
     "ITEM_REJECT_REASONS",
     "InputError",
     "MIN_EMBEDDING_NORM",
+    "REJECTED_INTERACTIONS_FILE",
+    "REJECTED_ITEMS_FILE",
+    "REJECT_KEY_COLUMNS",
     "REJECT_REASON_COLUMN",
     "Validated",
+    "ValidatedCatalog",
     "check_interactions_schema",
+    "check_embedding_mix",
     "check_items_schema",
+    "check_reject_ceiling",
+    "validate_catalog",
     "validate_interactions",
     "validate_items",
+    "write_catalog_rejects",
     "write_rejects",
 ]
 
@@ -106,6 +119,12 @@ INTERACTION_REJECT_REASONS: tuple[str, ...] = (
     "unknown_item_id",
     "duplicate_interaction",
 )
+
+# The columns that identify a row of each table, in refusal messages and examples.
+REJECT_KEY_COLUMNS: dict[str, tuple[str, ...]] = {"items": ("item_id",), "interactions": ("user_id", "item_id")}
+# File names of a single-machine run's rejects (the jobs write the same tables under their version's prefix).
+REJECTED_ITEMS_FILE = "rejected_items.parquet"
+REJECTED_INTERACTIONS_FILE = "rejected_interactions.parquet"
 
 _MAX_EXAMPLES = 10
 
@@ -177,7 +196,7 @@ def validate_items(
         "no_text_or_embedding": ~emb.present & ~_has_text(table, text_columns),
     }
     result = _quarantine(table, ITEM_REJECT_REASONS, rules)
-    _enforce_ceiling(name, result, max_reject_fraction, ("item_id",))
+    check_reject_ceiling(name, result, max_reject_fraction)
     return result
 
 
@@ -224,8 +243,70 @@ def validate_interactions(
         "duplicate_interaction": repeated,
     }
     result = _quarantine(table, INTERACTION_REJECT_REASONS, rules)
-    _enforce_ceiling(name, result, max_reject_fraction, ("user_id", "item_id"))
+    check_reject_ceiling(name, result, max_reject_fraction)
     return result
+
+
+
+@dataclass(frozen=True)
+class ValidatedCatalog:
+    """Both tables of a run's input, validated together; ``refusals`` in the order a run meets them.
+
+    A table is None when it was refused before any row could be judged (its schema, or for interactions
+    the items' schema, since there are no known ids to check against). Only a dry run gets refusals
+    back: a run raises the first.
+    """
+
+    items: Validated | None
+    interactions: Validated | None
+    refusals: tuple[InputError, ...] = ()
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        """``{"items": ..., "interactions": ...}`` as :attr:`Validated.counts`: a report's ``input`` section."""
+        tables = {"items": self.items, "interactions": self.interactions}
+        return {name: table.counts for name, table in tables.items() if table is not None}
+
+
+def validate_catalog(
+    items: pa.Table,
+    interactions: pa.Table,
+    *,
+    max_reject_fraction: float = 1.0,
+    stop_at_refusal: bool = True,
+) -> ValidatedCatalog:
+    """Items, then interactions against the item ids that survived (the cross-table rules:
+    ``unknown_item_id`` and one item-id type family across both tables), each table's ceiling checked
+    as soon as it is validated, in the order a run checks them.
+
+    ``stop_at_refusal`` False (a dry run) quarantines every row whatever the ceilings say and returns
+    each refusal instead of raising the first, so one look shows every problem a run would stop on.
+    """
+    _check_fraction(max_reject_fraction)
+    refusals: list[InputError] = []
+
+    def attempt(check: Callable[[], Any]) -> Any:
+        try:
+            return check()
+        except InputError as refusal:
+            if stop_at_refusal:
+                raise
+            refusals.append(refusal)
+            return None
+
+    # The ceiling is checked apart from the rules so that a dry run still sees every quarantined row.
+    valid_items = attempt(lambda: validate_items(items))
+    valid_interactions = None
+    if valid_items is None:
+        attempt(lambda: check_interactions_schema(interactions.schema))
+    else:
+        attempt(lambda: check_reject_ceiling("items", valid_items, max_reject_fraction))
+        valid_interactions = attempt(
+            lambda: validate_interactions(interactions, known_item_ids=valid_items.valid.column("item_id"))
+        )
+        if valid_interactions is not None:
+            attempt(lambda: check_reject_ceiling("interactions", valid_interactions, max_reject_fraction))
+    return ValidatedCatalog(valid_items, valid_interactions, tuple(refusals))
 
 
 def check_items_schema(schema: pa.Schema, text_columns: Sequence[str] | None = None) -> tuple[list[str], bool]:
@@ -275,6 +356,50 @@ def write_rejects(validated: Validated, path: PathLike) -> str:
         fs.create_dir(parent, recursive=True)
     pq.write_table(validated.rejects, inner, filesystem=fs)
     return str(path)
+
+
+def check_embedding_mix(items: pa.Table, text_embedding_dim: int) -> None:
+    """Validated items that carry their own embedding beside items embedded from text must have the
+    text model's dimension: both kinds of vector go to one quantizer. Checked when a run embeds."""
+    column = items.column(EMBEDDING_COLUMN) if EMBEDDING_COLUMN in items.column_names else None
+    if column is None or pa.types.is_null(column.type) or column.null_count in (0, len(column)):
+        return
+    own_dim = pc.list_value_length(column).drop_null()[0].as_py()  # validated: every one has the same
+    if own_dim != text_embedding_dim:
+        raise InputError(
+            f"items: {len(column) - column.null_count} items carry an embedding of dimension {own_dim} and "
+            f"{column.null_count} are embedded from text by a model of dimension {text_embedding_dim}: "
+            "give every item an embedding or none"
+        )
+
+
+def write_catalog_rejects(validated: ValidatedCatalog, out_dir: PathLike) -> dict[str, str]:
+    """``rejected_items.parquet`` and ``rejected_interactions.parquet`` under ``out_dir``, as a run writes
+    them (a table refused before validation has none); returns name -> path written."""
+    base = str(out_dir).rstrip("/")
+    files = {"rejected_items": (validated.items, REJECTED_ITEMS_FILE),
+             "rejected_interactions": (validated.interactions, REJECTED_INTERACTIONS_FILE)}  # fmt: skip
+    return {name: write_rejects(table, f"{base}/{file}") for name, (table, file) in files.items() if table is not None}
+
+
+def check_reject_ceiling(name: str, result: Validated, max_reject_fraction: float) -> None:
+    """Refuse ``result`` (of table ``name``: ``items`` or ``interactions``) when its rejected share exceeds
+    ``max_reject_fraction``, naming the count, the share and example rows."""
+    _check_fraction(max_reject_fraction)
+    keys = REJECT_KEY_COLUMNS[name]
+    counts = result.counts
+    fraction = counts["rejected"] / counts["rows_in"]
+    if fraction <= max_reject_fraction:
+        return
+    examples = result.rejects.select([*keys, REJECT_REASON_COLUMN]).slice(0, _MAX_EXAMPLES).to_pylist()
+    shown = "; ".join(
+        ", ".join(f"{k}={row[k]!r}" for k in keys) + f": {row[REJECT_REASON_COLUMN]}" for row in examples
+    )
+    raise InputError(
+        f"{name}: {counts['rejected']} of {counts['rows_in']} rows rejected ({fraction:.2%}), "
+        f"above max_reject_fraction={max_reject_fraction:.2%}; by reason {counts['by_reason']}; "
+        f"examples: {shown}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -432,19 +557,3 @@ def _quarantine(table: pa.Table, reasons: Sequence[str], rules: dict[str, np.nda
     if valid.num_rows + rejects.num_rows != n:
         raise AssertionError(f"rows_in {n} != rows_out {valid.num_rows} + rejected {rejects.num_rows}")
     return Validated(valid=valid, rejects=rejects)
-
-
-def _enforce_ceiling(name: str, result: Validated, max_reject_fraction: float, keys: Sequence[str]) -> None:
-    counts = result.counts
-    fraction = counts["rejected"] / counts["rows_in"]
-    if fraction <= max_reject_fraction:
-        return
-    examples = result.rejects.select([*keys, REJECT_REASON_COLUMN]).slice(0, _MAX_EXAMPLES).to_pylist()
-    shown = "; ".join(
-        ", ".join(f"{k}={row[k]!r}" for k in keys) + f": {row[REJECT_REASON_COLUMN]}" for row in examples
-    )
-    raise InputError(
-        f"{name}: {counts['rejected']} of {counts['rows_in']} rows rejected ({fraction:.2%}), "
-        f"above max_reject_fraction={max_reject_fraction:.2%}; by reason {counts['by_reason']}; "
-        f"examples: {shown}"
-    )
