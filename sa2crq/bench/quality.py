@@ -78,8 +78,8 @@ class Profile:
 
 CPU_RETRIEVER = {"d_model": 64, "num_heads": 4, "head_dim": 16, "d_ff": 256, "encoder_layers": 2, "decoder_layers": 2,
                  "dropout": 0.0, "dense_head": True}  # fmt: skip
-CPU_TRAIN = RetrieverTrainConfig(epochs=10, batch_size=256, learning_rate=2e-3, warmup_steps=200, max_history=8,
-                                 eval_every_steps=400, patience=2, max_steps=800, select_users=1000, tune_users=2000)  # fmt: skip
+CPU_TRAIN = RetrieverTrainConfig(epochs=10, batch_size=64, learning_rate=2e-3, warmup_steps=200, max_history=8,
+                                 eval_every_steps=400, patience=2, max_steps=1500, select_users=1000, tune_users=2000)  # fmt: skip
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
@@ -97,8 +97,9 @@ PROFILES: dict[str, Profile] = {
         bootstrap_resamples=200,
     ),
     # Sized for about an hour on 2 cores for the three main variants, both runs and the k-NN row:
-    # 800 steps of 256 histories (1.6 epochs), checkpoints scored every 400 steps on 1,000
-    # validation users, the scorer tuned on 2,000, run 1 scored on a seeded 10,000 of 22,363 users.
+    # 1,500 steps of 64 history windows (~290 next-item targets each, ~3.3 epochs of Beauty's
+    # 131k training targets), checkpoints scored every 400 steps on 1,000 validation users, the
+    # scorer tuned on 2,000, run 1 scored on a seeded 10,000 of 22,363 users.
     "cpu": Profile(
         name="cpu",
         tokenizer={"rqvae.epochs": 25, "acrq.epochs_per_stage": 6},
@@ -112,14 +113,14 @@ PROFILES: dict[str, Profile] = {
         variants=("sa2crq", "tiger", "rqkmeans"),
     ),
     # One H100/H200: the TIGER shape with 20-item histories, trained for longer; needs only torch,
-    # numpy and pyarrow. Sized from the CPU curves (still rising after 2-4 epochs at batch 256):
-    # up to 16 epochs of batch 1,024, checkpoints scored every epoch. Not yet run on a device.
+    # numpy and pyarrow. Sized from the CPU curves (still rising after 3.3 epochs): up to 16 epochs
+    # of 256 windows (~1,400 targets) a step, checkpoints scored every epoch. Not yet run on a device.
     "gpu": Profile(
         name="gpu",
         tokenizer={},
         retriever={"dense_head": True},
-        train=RetrieverTrainConfig(epochs=16, batch_size=1024, learning_rate=2e-3, warmup_steps=300, max_history=20,
-                                   eval_every_steps=128, patience=3, select_users=2000, tune_users=4000),
+        train=RetrieverTrainConfig(epochs=16, batch_size=256, learning_rate=2e-3, warmup_steps=300, max_history=20,
+                                   patience=3, select_users=2000, tune_users=4000),
         generation=GenerationConfig(beam_width=20, k=10, batch_size=1024),
         seeds=(0, 1),
         cold_seeds=(0,),

@@ -247,7 +247,6 @@ def validate_interactions(
     return result
 
 
-
 @dataclass(frozen=True)
 class ValidatedCatalog:
     """Both tables of a run's input, validated together; ``refusals`` in the order a run meets them.

@@ -15,6 +15,9 @@ from sa2crq.storage.checkpoint import load_checkpoint, save_checkpoint
 from sa2crq.storage.filesystem import PathLike
 
 KIND = "generative-retriever"
+# How the encoder attends over history items; a checkpoint trained otherwise (bidirectionally, by
+# releases before it was recorded) would load without error and rank differently, so it is refused.
+ENCODER_ATTENTION = "item-causal"
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ def save_retriever(directory: PathLike, model: GenerativeRetriever, *, sid_versi
     save_checkpoint(
         directory,
         dict(model.state_dict()),
-        {"kind": KIND, "model_config": model.config.to_dict(), "sid_version": sid_version, **meta},
+        {"kind": KIND, "encoder_attention": ENCODER_ATTENTION, "model_config": model.config.to_dict(), "sid_version": sid_version, **meta},
     )
 
 
@@ -37,9 +40,15 @@ def load_retriever(directory: PathLike) -> RetrieverCheckpoint:
     tensors, meta = load_checkpoint(directory)
     if meta.get("kind") != KIND:
         raise ValueError(f"{directory}: checkpoint of kind {meta.get('kind')!r}, not a {KIND}")
+    if meta.get("encoder_attention") != ENCODER_ATTENTION:
+        raise ValueError(
+            f"{directory}: retriever trained with a {meta.get('encoder_attention', 'bidirectional')} encoder; this release reads "
+            f"{ENCODER_ATTENTION} ones: retrain it (sa2crq train-retriever)"
+        )
     model = GenerativeRetriever(RetrieverConfig.from_dict(meta.pop("model_config")))
     model.load_state_dict(tensors)
     model.eval()
     meta.pop("kind")
+    meta.pop("encoder_attention")
     meta.pop("format_version", None)
     return RetrieverCheckpoint(model, meta.pop("sid_version"), meta)

@@ -3,7 +3,8 @@
 Items are addressed by their dense index: the row of the item in the SID table. A request holds
 the indices of the user's most recent ``max_history`` items (oldest first, -1 padded on the left),
 which the encoder reads (token by token, see :mod:`sa2crq.retrieval.model`), the target
-item, and the user's *whole* history as a CSR, which every variant excludes from its top-K
+item (in training, every history item's successor is a target too: :func:`training_requests`),
+and the user's *whole* history as a CSR, which every variant excludes from its top-K
 (DESIGN §5: all of it, not only the encoder's window).
 
 A query request (DESIGN §3.4) carries a text embedding instead of a history; the model projects it
@@ -154,13 +155,19 @@ def _windows(seq: Sequences, ends: np.ndarray, owners: np.ndarray, max_history: 
 
 
 def training_requests(train: Sequences, max_history: int) -> Requests:
-    """Every position t >= 1 of every training sequence: history = the items before t, target = item t."""
+    """Every training sequence cut into windows of ``max_history`` + 1 items, from its end: one
+    request per window, history = all but the window's last item, target = its last item.
+
+    Training decodes every item of a window after its first from the items before it
+    (``make_batch(every_position=True)``), so each position t >= 1 of a sequence is a target
+    exactly once, with a history of at most ``max_history`` items (shorter for the first items of
+    a window that does not start the sequence)."""
     lengths = train.lengths()
-    owners = np.repeat(np.arange(len(lengths)), np.maximum(lengths - 1, 0))
-    # Global positions of every item but each user's first.
-    first = np.zeros(len(train.items), dtype=bool)
-    first[train.indptr[:-1][lengths > 0]] = True
-    ends = np.flatnonzero(~first)
+    # Window ends: the last position, then every max_history positions earlier, while >= 1.
+    per_user = np.maximum(-(-(lengths - 1) // max_history), 0)
+    owners = np.repeat(np.arange(len(lengths)), per_user)
+    back = index_ranges(np.zeros(len(lengths), dtype=np.int64), per_user) * max_history
+    ends = train.indptr[owners + 1] - 1 - back
     return Requests(train.user_ids[owners], _windows(train, ends, owners, max_history), train.items[ends])
 
 

@@ -4,22 +4,24 @@ The encoder reads the request: a hashed user token (an encoder-only token number
 ``vocab_size`` on), then the history items' SID tokens (EOS included, padding squeezed out), each
 token's embedding plus, when ``item_content_dim`` is set, a linear projection of its item's content
 embedding (projected once per item); a query text embedding, projected by a linear layer to
-``query_tokens`` input vectors, is prepended. The encoder's positions are most of a training step's
-cost on CPU, and two cheaper inputs were measured on Beauty and rejected: one pooled position per
-item (no faster on 2 cores, generation learned less than half as fast) and leaving each item's EOS
-out (level-specific tokens still mark where an item starts; 25% faster per step, but ~0.1 nats
-higher training loss and lower validation recall after the same 800 steps, both seeds). The decoder
-writes the target item's SID tokens, then EOS.
+``query_tokens`` input vectors, is prepended. Attention is causal over history items (a token sees
+its own and earlier items, never a later one; :meth:`GenerativeRetriever.encode_with_slots`), so the
+encoding of a history cut after any item is part of the encoding of the whole history, and training
+decodes every next-item target of a history from one encoder pass. The encoder's positions are most
+of a training step's cost on CPU: that pass amortises them over ~4.5 targets per Beauty history,
+where two cheaper inputs were measured and rejected: one pooled position per item (no faster on 2
+cores, generation learned less than half as fast) and leaving each item's EOS out (~0.1 nats higher
+training loss after the same steps). The decoder writes the target item's SID tokens, then EOS.
 
-With ``dense_head`` the encoder's last real position (the most recent item's EOS, or the last
+With ``dense_head`` the encoder's last visible position (the most recent item's EOS, or the last
 query token) is also projected to a request vector whose inner product with every item's vector
 (the mean of its SID code tokens' encoder embeddings plus its projected content, so cold items
 have one too) gives a dense log-probability over the catalog, trained beside the SID loss (as
 LIGER does); the item scorer combines it with the SID's beam log-probability.
 
 Architecture (T5 v1.1-like): pre-norm RMSNorm, attention with inner width ``num_heads * head_dim``
-projected back to ``d_model``, bucketed relative position bias (bidirectional in the encoder,
-causal in decoder self-attention, one bias table per stack shared by its layers, none in
+projected back to ``d_model``, bucketed relative position bias (bidirectional buckets in the
+encoder, within its item-causal mask; causal in decoder self-attention, one bias table per stack shared by its layers, none in
 cross-attention), ReLU feed-forward, dropout, separate encoder/decoder embeddings and an untied
 output layer.
 
@@ -249,11 +251,13 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, self_bias: torch.Tensor, memory: torch.Tensor, cross_bias: torch.Tensor
+        self, x: torch.Tensor, self_bias: torch.Tensor, cross_kv: tuple[torch.Tensor, torch.Tensor], cross_bias: torch.Tensor
     ) -> torch.Tensor:
+        """``cross_kv``: this layer's cross-attention keys and values of the memory (``keys_values``)."""
         h = self.self_norm(x)
         x = x + self.dropout(self.self_attn(h, h, self_bias))
-        x = x + self.dropout(self.cross_attn(self.cross_norm(x), memory, cross_bias))
+        cross = self.cross_attn
+        x = x + self.dropout(cross.attend(cross.split_heads(cross.q(self.cross_norm(x))), *cross_kv, cross_bias))
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
@@ -380,8 +384,26 @@ class GenerativeRetriever(nn.Module):
         ``memory`` (B, S, d_model) and ``memory_mask`` (B, S) bool, True at real positions, in the
         order query tokens, user token, history items.
         """
+        memory, mask, _ = self.encode_with_slots(history, users, items, query)
+        return memory, mask
+
+    def encode_with_slots(
+        self,
+        history: torch.Tensor | None = None,
+        users: torch.Tensor | None = None,
+        items: ItemFeatures | None = None,
+        query: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`encode`, plus (B, S) the history slot (column of ``history``) of every memory
+        position: -1 for the query and user tokens, ``H`` at padding.
+
+        Attention is causal over history items: a position sees the query and user tokens and the
+        tokens of its own and earlier items, never a later item's. So the memory positions of
+        slots <= c are exactly the encoding of the history cut after item c, and training reads
+        every next-item target of a history from one pass (:func:`sa2crq.retrieval.training.make_batch`).
+        """
         parts: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
         if query is not None:
             if self.query_projection is None:
                 raise ValueError("this retriever has no query input (config.query_dim == 0)")
@@ -389,64 +411,74 @@ class GenerativeRetriever(nn.Module):
                 raise ValueError(f"query must be (B, {self.config.query_dim}), got {tuple(query.shape)}")
             q = self.query_projection(query.to(self.query_projection.weight.dtype))
             parts.append(q.view(query.shape[0], self.config.query_tokens, self.config.d_model))
-            masks.append(torch.ones(query.shape[0], self.config.query_tokens, dtype=torch.bool, device=query.device))
+            slots.append(torch.full((query.shape[0], self.config.query_tokens), -1, dtype=torch.long, device=query.device))
         if users is not None:
             if users.dim() != 1:
                 raise ValueError(f"users must be (B,), got {tuple(users.shape)}")
             parts.append(self.encoder_embedding(users)[:, None, :])
-            masks.append(torch.ones(users.shape[0], 1, dtype=torch.bool, device=users.device))
+            slots.append(torch.full((users.shape[0], 1), -1, dtype=torch.long, device=users.device))
         if history is not None:
             if history.dim() != 2:
                 raise ValueError(f"history must be (B, H), got {tuple(history.shape)}")
             if items is None:
                 raise ValueError("encoding a history needs the catalog's ItemFeatures")
-            tokens, slots = self._history_tokens(history, items)
+            tokens, token_slots = self._history_tokens(history, items)
             x = self.encoder_embedding(tokens)
             if self.content_projection is not None:
                 # Projected once per history item, then copied to each of its tokens (none to padding).
                 content = self.content_projection(self._content(items)[history.clamp_min(0)].to(x.dtype))  # (B, H, d)
-                per_token = content.gather(1, slots[:, :, None].expand(-1, -1, content.shape[-1]))
+                per_token = content.gather(1, token_slots[:, :, None].expand(-1, -1, content.shape[-1]))
                 x = x + per_token.masked_fill((tokens == PAD)[:, :, None], 0.0)
             parts.append(x)
-            masks.append(tokens != PAD)
+            slots.append(token_slots.masked_fill(tokens == PAD, history.shape[1]))
         if not parts:
             raise ValueError("encode needs a history, a user token or a query")
         if len({p.shape[0] for p in parts}) > 1:
             raise ValueError(f"batch size mismatch between request parts: {[p.shape[0] for p in parts]}")
         x = torch.cat(parts, dim=1)
-        mask = torch.cat(masks, dim=1)
+        slot = torch.cat(slots, dim=1)
+        # Padding carries slot H, every real position a smaller one.
+        mask = slot < (history.shape[1] if history is not None else 0)
 
         # Real inputs are contiguous from position 0 (padding only at the right), so a request's
         # relative positions do not depend on how much padding its batch needs.
         seq = x.shape[1]
         bias = self.encoder_position_bias(seq, seq, x.device)  # (1, H, S, S)
-        bias = bias.masked_fill(~mask[:, None, None, :], _mask_value(bias.dtype))  # (B, H, S, S)
+        visible = mask[:, None, :] & (slot[:, None, :] <= slot[:, :, None])  # (B, S query, S key)
+        bias = bias.masked_fill(~visible[:, None], _mask_value(bias.dtype))  # (B, H, S, S)
         x = self.dropout(x)
         for layer in self.encoder_layers:
             x = layer(x, bias)
-        return self.dropout(self.encoder_norm(x)), mask
+        return self.dropout(self.encoder_norm(x)), mask, slot
 
-    def dense_request(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
-        """(B, d_model) the dense head's request vector: the projected last real encoder position
-        (the most recent item's EOS, or the last query token)."""
+    def dense_request(self, memory: torch.Tensor, memory_mask: torch.Tensor, memory_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, d_model) the dense head's request vectors: the projected last position of each row of
+        ``memory_mask`` (N, S) (the most recent visible item's EOS, or the last query token), read
+        from ``memory`` row ``memory_rows[n]`` (default: row n)."""
         if self.dense_projection is None:
             raise ValueError("this retriever has no dense head (config.dense_head is false)")
         last = (memory_mask.long().cumsum(1) * memory_mask).argmax(1)
-        return self.dense_projection(memory[torch.arange(memory.shape[0], device=memory.device), last])
+        rows = torch.arange(memory_mask.shape[0], device=memory.device) if memory_rows is None else memory_rows
+        return self.dense_projection(memory[rows, last])
 
     def dense_logits(self, memory: torch.Tensor, memory_mask: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
         """(B, N) dense request-item logits against ``item_vectors`` (N, d_model) of :meth:`item_vectors`."""
         return self.dense_request(memory, memory_mask) @ item_vectors.T
 
     # -- decoder ---------------------------------------------------------------------------
-    def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor, decoder_input: torch.Tensor) -> torch.Tensor:
-        """Causal decoder: ``decoder_input`` (B, T) long, starting with PAD (see :func:`shift_right`).
+    def decode(
+        self, memory: torch.Tensor, memory_mask: torch.Tensor, decoder_input: torch.Tensor, memory_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Causal decoder: ``decoder_input`` (N, T) long, starting with PAD (see :func:`shift_right`).
 
-        Returns logits (B, T, vocab_size); position t sees decoder_input[:, :t + 1] and all
-        real memory positions.
+        Row n attends to ``memory`` row ``memory_rows[n]`` (default: row n) where ``memory_mask``
+        (N, S) is True, so several targets can share one encoded request, each seeing its own part
+        of it; the memory's keys and values are projected once per memory row. Returns logits
+        (N, T, vocab_size); position t sees decoder_input[:, :t + 1].
         """
-        if decoder_input.dim() != 2 or decoder_input.shape[0] != memory.shape[0]:
-            raise ValueError(f"decoder_input must be (B={memory.shape[0]}, T), got {tuple(decoder_input.shape)}")
+        n_rows = memory.shape[0] if memory_rows is None else memory_rows.shape[0]
+        if decoder_input.dim() != 2 or decoder_input.shape[0] != n_rows or memory_mask.shape[0] != n_rows:
+            raise ValueError(f"decoder_input and memory_mask must have N={n_rows} rows, got {tuple(decoder_input.shape)}, {tuple(memory_mask.shape)}")
         t = decoder_input.shape[1]
         x = self.decoder_embedding(decoder_input)
         bias = self.decoder_position_bias(t, t, x.device)  # (1, H, T, T)
@@ -455,7 +487,10 @@ class GenerativeRetriever(nn.Module):
         cross_bias = _memory_padding_bias(memory_mask, x.dtype)
         x = self.dropout(x)
         for layer in self.decoder_layers:
-            x = layer(x, self_bias, memory, cross_bias)
+            keys, values = layer.cross_attn.keys_values(memory)
+            if memory_rows is not None:
+                keys, values = keys.index_select(0, memory_rows), values.index_select(0, memory_rows)
+            x = layer(x, self_bias, (keys, values), cross_bias)
         return self.output(self.dropout(self.decoder_norm(x)))
 
     def forward(

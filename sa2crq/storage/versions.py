@@ -107,7 +107,10 @@ def show_version(publisher: Publisher, version: str) -> VersionDetail:
     version = published_version(publisher, version)
     history = publisher.commits()
     commit = next(c for c in history if c.version == version)
-    manifest = publisher.manifest(version)
+    try:
+        manifest = publisher.manifest(version)
+    except OSError as err:  # published, then damaged: a message, not a traceback
+        raise ValueError(f"version {version}: its manifest cannot be read ({err}); `sa2crq versions verify {version}` says what else is wrong") from err
     by_part: dict[str, list[int]] = {}
     for relative, recorded in manifest.files.items():
         by_part.setdefault(relative.split("/", 1)[0], []).append(int(recorded["size"]))

@@ -178,6 +178,29 @@ def test_decoder_is_causal():
     assert not torch.allclose(a[:, 3:], b[:, 3:])
 
 
+def test_encoder_is_causal_over_history_items():
+    """A position sees the user token, its own item's tokens and earlier items', never a later item's:
+    changing the last item leaves every earlier position's encoding as it was."""
+    m = tiny_model(item_content_dim=5)
+    content = torch.randn(len(ITEM_TOKENS), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    items = ItemFeatures(ITEM_TOKENS, content)
+    history = torch.tensor([[0, 2, 1], [3, 5, 4]])
+    changed = history.clone()
+    changed[:, -1] = torch.tensor([2, 0])
+    memory, mask, slots = m.encode_with_slots(history, USERS[:2], items)
+    other, other_mask, other_slots = m.encode_with_slots(changed, USERS[:2], items)
+    # Slots: -1 for the user token, then each token's history column, H at padding.
+    expected = [[-1] + [c for c, i in enumerate(row) for t in ITEM_TOKENS[i].tolist() if t != PAD] for row in history.tolist()]
+    for b, row in enumerate(expected):
+        assert slots[b, : len(row)].tolist() == row and slots[b, len(row) :].eq(3).all()
+        assert torch.equal(mask[b], slots[b] < 3)
+    for b in range(2):
+        earlier = int((slots[b] < 2).sum())  # the user token and the first two items
+        assert torch.equal(slots[b, :earlier], other_slots[b, :earlier])
+        torch.testing.assert_close(memory[b, :earlier], other[b, :earlier], rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(memory[b, earlier], other[b, earlier])  # the last item's first token
+
+
 # Float64 models: a request encodes to the same numbers whatever its padding, up to summation order.
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 

@@ -29,11 +29,31 @@ def test_item_index_maps_ids_and_names_unknown_ones():
         INDEX.lookup(np.array([10, 99]))
 
 
-def test_training_requests_slide_over_every_position():
-    requests = training_requests(Sequences.from_interactions(INTERACTIONS, INDEX), max_history=2)
-    assert requests.history.tolist() == [[-1, 1], [1, 2], [-1, 0]]
-    assert requests.target.tolist() == [2, 0, 1]
-    assert requests.user_ids.tolist() == [1, 1, 2]
+def test_training_requests_cut_each_sequence_into_windows_from_its_end():
+    seq = Sequences.from_interactions(INTERACTIONS, INDEX)  # user 1: items 1, 2, 0; user 2: 0, 1
+    requests = training_requests(seq, max_history=2)
+    assert requests.history.tolist() == [[1, 2], [-1, 0]]
+    assert requests.target.tolist() == [0, 1]
+    assert requests.user_ids.tolist() == [1, 2]
+    one = training_requests(seq, max_history=1)
+    assert one.history.tolist() == [[2], [1], [0]] and one.target.tolist() == [0, 2, 1]
+
+
+@pytest.mark.parametrize("max_history", [1, 2, 3, 5, 8])
+def test_every_position_of_every_sequence_is_a_target_once_with_the_items_before_it(max_history):
+    lengths = np.random.default_rng(max_history).integers(1, 15, 40)
+    users = np.repeat(np.arange(40), lengths)
+    # Item i is the i-th interaction, so a target names its position.
+    inter = pa.table({"user_id": users, "item_id": np.arange(len(users)), "timestamp": np.arange(len(users))})
+    requests = training_requests(Sequences.from_interactions(inter, ItemIndex(np.arange(len(users)))), max_history)
+    every = make_batch(requests, np.arange(len(requests)), torch.zeros((len(users), 2), dtype=torch.long), user_offset=0, buckets=4, every_position=True)
+    firsts = np.r_[0, np.cumsum(lengths)[:-1]]
+    assert sorted(every.target_index.tolist()) == sorted(set(range(len(users))) - set(firsts.tolist()))
+    for request, slot, target in zip(every.target_request.tolist(), every.target_slot.tolist(), every.target_index.tolist()):
+        visible = [i for i in requests.history[request, : slot + 1].tolist() if i >= 0]
+        assert 1 <= len(visible) <= max_history
+        assert visible == list(range(target - len(visible), target))  # the items just before it
+        assert users[target] == users[visible[0]] == requests.user_ids[request]
 
 
 def test_evaluation_requests_use_the_whole_history_and_tolerate_unknown_users():
@@ -69,12 +89,20 @@ def test_unsorted_interactions_are_refused():
 
 def test_batches_carry_the_history_items_and_hashed_user_tokens():
     requests = training_requests(Sequences.from_interactions(INTERACTIONS, INDEX), max_history=2)
-    batch = make_batch(requests, np.array([2, 0]), SID_TOKENS, user_offset=9, buckets=4)
+    batch = make_batch(requests, np.array([1, 0]), SID_TOKENS, user_offset=9, buckets=4)
     # A batch carries the history items' dense indices, -1 padded on the left; the encoder spells out their SID tokens.
-    assert batch.history.tolist() == [[-1, 0], [-1, 1]]
+    assert batch.history.tolist() == [[-1, 0], [1, 2]]
     assert batch.users.tolist() == user_token(np.array([2, 1]), 4, 9).tolist()
-    assert batch.target_index.tolist() == [1, 2] and batch.query is None
-    assert batch.target.tolist() == [[6, 7, EOS], [8, EOS, PAD]]
+    # One target per request, decoded from its whole history (the last slot).
+    assert batch.target_index.tolist() == [1, 0] and batch.query is None
+    assert batch.target_request.tolist() == [0, 1] and batch.target_slot.tolist() == [1, 1]
+    assert batch.target.tolist() == [[6, 7, EOS], [5, EOS, PAD]]
+    # Every position: each history item's successor too, decoded from the history up to that item.
+    every = make_batch(requests, np.array([1, 0]), SID_TOKENS, user_offset=9, buckets=4, every_position=True)
+    assert every.target_request.tolist() == [0, 1, 1] and every.target_slot.tolist() == [1, 0, 1]
+    assert every.target_index.tolist() == [1, 2, 0]
+    assert every.target.tolist() == SID_TOKENS[[1, 2, 0]].tolist()
+    assert every.decoder_input[:, 0].eq(PAD).all()
 
 
 def test_user_tokens_are_stable_and_in_range():
@@ -86,9 +114,9 @@ def test_user_tokens_are_stable_and_in_range():
 
 def test_batches_shift_the_target_right_with_pad_as_start():
     requests = training_requests(Sequences.from_interactions(INTERACTIONS, INDEX), max_history=2)
-    batch = make_batch(requests, np.array([0]), SID_TOKENS, user_offset=9, buckets=4)
-    assert batch.target.tolist() == [[8, EOS, PAD]]
-    assert batch.decoder_input.tolist() == [[PAD, 8, EOS]]
+    batch = make_batch(requests, np.array([1]), SID_TOKENS, user_offset=9, buckets=4)
+    assert batch.target.tolist() == [[6, 7, EOS]]
+    assert batch.decoder_input.tolist() == [[PAD, 6, 7]]
 
 
 TINY = dict(vocab_size=20, encoder_vocab_size=28, d_model=16, num_heads=2, head_dim=8, d_ff=32, encoder_layers=1, decoder_layers=1)
@@ -109,16 +137,18 @@ def _train(seed: int) -> dict[str, torch.Tensor]:
     requests, items = _data()
     torch.manual_seed(seed)
     model = GenerativeRetriever(RetrieverConfig(**TINY))
-    cfg = RetrieverTrainConfig(epochs=2, batch_size=32, warmup_steps=2, max_history=4, user_buckets=8, seed=seed)
+    # 30 users x 5 targets in 2 windows each (4 targets, then the first), in batches of 20 windows.
+    cfg = RetrieverTrainConfig(epochs=2, batch_size=20, warmup_steps=2, max_history=4, user_buckets=8, seed=seed)
     history = train_retriever(model, requests, requests, items, cfg, user_offset=20)
     curve = history["curve"]
-    assert len(curve) == 2 and [p["step"] for p in curve] == [5, 10]  # evaluated once per epoch of 5 steps
+    assert len(curve) == 2 and [p["step"] for p in curve] == [3, 6]  # evaluated once per epoch of 3 steps
+    assert [p["examples"] for p in curve] == [150, 300]  # every target once an epoch
     assert curve[-1]["valid_loss"] < curve[0]["valid_loss"] or history["best_step"] > curve[0]["step"]
     # Without ``select`` checkpoints are selected by the negated validation loss.
     assert history["selected_by"] == "negative validation loss"
     assert all(p["metric"] == -p["valid_loss"] for p in curve)
     assert history["best_metric"] == max(p["metric"] for p in curve) == -history["best_valid_loss"]
-    assert history["steps"] == 10 and history["examples"] == 10 * 32 and history["examples_per_second"] > 0
+    assert history["steps"] == 6 and history["examples"] == 300 and history["examples_per_second"] > 0
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -172,11 +202,12 @@ def test_a_still_rising_selection_metric_is_not_converged():
 
 
 def test_evaluations_every_few_steps_and_one_at_the_budget():
-    # 30 users x 5 requests = 150 requests, batches of 16: 10 steps an epoch; a budget of 7 steps.
+    # 30 users x 2 windows = 60 requests, batches of 16: 4 steps an epoch; a budget of 7 steps.
     history, seen, _ = _select_run([0.5, 0.4, 0.3, 0.2], eval_every_steps=3, patience=5, max_steps=7)
     assert [p["step"] for p in history["curve"]] == [3, 6, 7]  # the last, partial interval is evaluated too
     assert history["best_step"] == 3 and history["converged"] is True
-    assert [p["examples"] for p in history["curve"]] == [48, 96, 112]
+    examples = [p["examples"] for p in history["curve"]]
+    assert 3 * 16 <= examples[0] < examples[1] < examples[2] <= 7 * 16 * 4  # targets, 1 to 4 per window
 
 
 def test_batch_losses_add_the_dense_catalog_cross_entropy():
@@ -184,7 +215,8 @@ def test_batch_losses_add_the_dense_catalog_cross_entropy():
     torch.manual_seed(0)
     model = GenerativeRetriever(RetrieverConfig(**TINY, dense_head=True, dropout=0.0)).eval()
     batch = make_batch(requests, np.arange(8), items.tokens, user_offset=20, buckets=8)
-    sid_loss, n_tokens, dense_loss = batch_losses(model, batch, items)
+    sid_loss, n_tokens, dense_loss, targets = batch_losses(model, batch, items)
+    assert targets == 8
     memory, mask = model.encode(batch.history, batch.users, items)
     logits = model.decode(memory, mask, batch.decoder_input)
     assert n_tokens == 8 * 3  # two code tokens and EOS per target
@@ -202,11 +234,34 @@ def test_batch_losses_add_the_dense_catalog_cross_entropy():
     negatives = torch.tensor([batch.target_index[0].item(), 39, 17])
     sampled = (request @ model.item_vectors(items, negatives).T).masked_fill(negatives[None, :] == batch.target_index[:, None], float("-inf"))
     scores = torch.cat([(request * model.item_vectors(items, batch.target_index)).sum(-1, keepdim=True), sampled], 1)
-    torch.testing.assert_close(batch_losses(model, batch, items, negatives)[2], F.cross_entropy(scores, torch.zeros(8, dtype=torch.long), reduction="sum"))
+    torch.testing.assert_close(batch_losses(model, batch, items, negatives).dense, F.cross_entropy(scores, torch.zeros(8, dtype=torch.long), reduction="sum"))
     # Without a dense head the dense loss is zero.
     torch.manual_seed(0)
     plain = GenerativeRetriever(RetrieverConfig(**TINY)).eval()
-    assert batch_losses(plain, batch, items)[2] == 0
+    assert batch_losses(plain, batch, items).dense == 0
+
+
+def test_every_position_losses_equal_decoding_each_target_from_its_own_cut_history():
+    """The item-causal encoder makes one pass over a window the same as encoding each target's
+    history separately: the SID logits and the dense request of every target agree."""
+    requests, items = _data()
+    torch.manual_seed(0)
+    model = GenerativeRetriever(RetrieverConfig(**TINY, dense_head=True, dropout=0.0)).eval()
+    batch = make_batch(requests, np.arange(6), items.tokens, user_offset=20, buckets=8, every_position=True)
+    memory, mask, slots = model.encode_with_slots(batch.history, batch.users, items)
+    visible = mask[batch.target_request] & (slots[batch.target_request] <= batch.target_slot[:, None])
+    logits = model.decode(memory, visible, batch.decoder_input, batch.target_request)
+    request = model.dense_request(memory, visible, batch.target_request)
+    assert len(batch.target_index) > 6
+    for n, (row, slot) in enumerate(zip(batch.target_request.tolist(), batch.target_slot.tolist())):
+        cut = batch.history[row : row + 1, : slot + 1]
+        alone_memory, alone_mask = model.encode(cut, batch.users[row : row + 1], items)
+        torch.testing.assert_close(logits[n : n + 1], model.decode(alone_memory, alone_mask, batch.decoder_input[n : n + 1]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(request[n : n + 1], model.dense_request(alone_memory, alone_mask), rtol=1e-5, atol=1e-5)
+    losses = batch_losses(model, batch, items)
+    expected = F.cross_entropy(logits.reshape(-1, 20), batch.target.reshape(-1), ignore_index=PAD, reduction="sum")
+    torch.testing.assert_close(losses.sid, expected)
+    assert losses.targets == len(batch.target_index) and losses.tokens == int((batch.target != PAD).sum())
 
 
 def test_train_config_is_validated():

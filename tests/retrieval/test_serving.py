@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +20,7 @@ from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
 from sa2crq.retrieval.scorer import ScorerWeights
 from sa2crq.retrieval.serving import VersionMismatchError, load_server
 from sa2crq.storage import layout
+from sa2crq.storage.checkpoint import META_FILE
 from sa2crq.storage.filesystem import write_parquet
 
 N, LEVELS, K = 60, 3, 4
@@ -56,6 +59,19 @@ def test_a_retriever_is_refused_on_another_sid_version(version):
     sid_version, retriever = version
     with pytest.raises(VersionMismatchError, match="trained on SID version v1, not v2"):
         load_server(sid_version, "v2", retriever, GenerationConfig(), device="cpu")
+
+
+def test_a_retriever_with_a_bidirectional_encoder_is_refused(version, tmp_path):
+    """Checkpoints from before the item-causal encoder would load and rank differently: refused."""
+    _, retriever = version
+    old = tmp_path / "old"
+    shutil.copytree(retriever, old)
+    meta = json.loads((old / META_FILE).read_text())
+    del meta["encoder_attention"]
+    (old / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="trained with a bidirectional encoder; this release reads item-causal ones: retrain"):
+        load_retriever(str(old))
+    assert load_retriever(retriever).sid_version == "v1"
 
 
 def test_history_requests_keep_the_last_known_items_oldest_first_and_count_unknown_ones(version):
