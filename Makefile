@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# configs/demo/*.json name these two paths.
+# configs/demo/*.yaml name these two paths.
 CACHE := .cache
 DEMO_OUT := out/demo
 
@@ -31,10 +31,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
 	$(BIN)/sa2crq datasets movielens-100k --split leave-one-out --cache $(CACHE) --out $(CACHE)/datasets/movielens-100k-loo
-	$(BIN)/sa2crq recode --config configs/demo/recode.json
-	$(BIN)/sa2crq train-retriever --config configs/demo/train-retriever.json
-	$(BIN)/sa2crq generate --config configs/demo/generate.json
-	$(BIN)/sa2crq evaluate --config configs/demo/evaluate.json
+	$(BIN)/sa2crq recode --config configs/demo/recode.yaml
+	$(BIN)/sa2crq train-retriever --config configs/demo/train-retriever.yaml
+	$(BIN)/sa2crq generate --config configs/demo/generate.yaml
+	$(BIN)/sa2crq evaluate --config configs/demo/evaluate.yaml
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

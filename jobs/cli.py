@@ -1,7 +1,8 @@
 """The ``sa2crq`` command line: the library's commands plus the distributed jobs.
 
-Each job takes a typed config file (``--config FILE.json``) and ``--set section.field=value``
-overrides (precedence: defaults < file < --set; see :mod:`jobs.config`). A job ends by printing
+Each job takes a typed config file (``--config FILE.yaml`` or ``.json``) and ``--set section.field=value``
+overrides (precedence: defaults < file < --set; see :mod:`jobs.config`); ``--print-config`` shows
+the result with each value's source and runs nothing. A job ends by printing
 what it wrote where, with row counts. Exit codes: 0 done, 2 bad input or config, 3 refused
 (churn above the limit, or a retriever / SID version mismatch), 4 verification failed (``sa2crq
 versions verify`` found a published file missing, changed, or not in its manifest).
@@ -18,6 +19,7 @@ from pathlib import Path
 from jobs.bench_scale import CHAIN
 from jobs.config import JOB_CONFIGS, StorageConfig, load_job_config
 from sa2crq.cli import add_library_commands, base_parser, run
+from sa2crq.config import describe_config
 
 JOB_HELP = {
     "recode": "full-catalog recode: split, embed, train or reuse the tokenizer, assign SIDs, publish a version",
@@ -50,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_versions_commands(commands)
     for job, help_text in JOB_HELP.items():
         sub = commands.add_parser(job, help=help_text, description=help_text)
-        sub.add_argument("--config", help=f"JSON file of {JOB_CONFIGS[job].__name__} fields")
+        sub.add_argument("--config", help=f"YAML (.yaml, .yml) or JSON (.json) file of {JOB_CONFIGS[job].__name__} fields")
         sub.add_argument("--set", dest="assignments", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+        sub.add_argument(
+            "--print-config", action="store_true",
+            help="print the effective config (defaults < file < --set) as YAML with each value's source, and run nothing",
+        )  # fmt: skip
         sub.add_argument("--summary-json", type=Path, help="also write what the job wrote where, as JSON, to this file")
         if job == "recode":
             sub.add_argument("--reuse-tokenizer", metavar="VERSION", help="encode with this published version's tokenizer")
@@ -133,6 +139,9 @@ def _run_job(args: argparse.Namespace) -> int:
     if getattr(args, "reuse_tokenizer", None):
         assignments.append(f"reuse_tokenizer={args.reuse_tokenizer}")
     config = load_job_config(args.job, args.config, assignments)
+    if args.print_config:
+        print(describe_config(config, args.config, assignments))
+        return 0
     try:
         summary = _job(args.job)(config, **({"force": args.force} if args.job == "recode" else {}))
     except (ChurnLimitExceeded, VersionMismatchError) as refused:

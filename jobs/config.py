@@ -1,6 +1,6 @@
 """Typed configuration of the jobs: one frozen dataclass per job, sections shared between them.
 
-Precedence, lowest to highest: the dataclass defaults, a JSON config file (``--config``), then
+Precedence, lowest to highest: the dataclass defaults, a YAML or JSON config file (``--config``), then
 ``--set section.field=value`` on the command line. An unknown field is an error that names it; each
 section validates its values where they are given. The ``tokenizer`` section is a
 :class:`sa2crq.config.TokenizerConfig`: its ``method`` preset applies first, the other fields

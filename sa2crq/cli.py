@@ -50,7 +50,7 @@ def add_library_commands(commands: argparse._SubParsersAction) -> argparse._SubP
     tok.add_argument("--interactions", required=True, help="training interactions parquet (user_id, item_id, timestamp)")
     tok.add_argument("--method", default="sa2crq", choices=METHODS)
     tok.add_argument("--out", required=True, help="output directory")
-    tok.add_argument("--config", help="JSON file of config overrides (see sa2crq/config.py)")
+    tok.add_argument("--config", help="YAML or JSON file of config overrides (see sa2crq/config.py)")
     tok.add_argument("--set", dest="assignments", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     tok.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="embedding cache directory")
     tok.add_argument("--max-reject-fraction", type=float, default=DEFAULT_MAX_REJECT_FRACTION)

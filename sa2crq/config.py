@@ -1,10 +1,11 @@
 """Typed, frozen configuration for the tokenizer.
 
 Precedence, lowest to highest: the dataclass defaults, the method preset
-(:func:`TokenizerConfig.for_method`), a JSON config file, then ``--set
+(:func:`TokenizerConfig.for_method`), a config file (YAML or JSON), then ``--set
 section.field=value`` overrides on the command line. Every section validates
 itself in ``__post_init__`` so a bad value fails where it is given, and an
-unknown field is an error that names it.
+unknown field is an error that names it. :func:`describe_config` prints an
+effective config as YAML with each value's source.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -223,28 +225,105 @@ class TokenizerConfig:
 
 
 def load_tokenizer_config(method: str, config_file: str | Path | None, assignments: list[str]) -> TokenizerConfig:
-    """Preset for ``method``, then the JSON file, then ``section.field=value`` assignments."""
+    """Preset for ``method``, then the config file, then ``section.field=value`` assignments."""
     file_data = read_config_file(config_file) if config_file is not None else {}
     file_data.pop("method", None)
     layers = _deep_merge(_unflatten(file_data), _unflatten(parse_assignments(assignments)))
     return TokenizerConfig.for_method(method).with_overrides(layers)
 
 
+CONFIG_SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    data = json.loads(Path(path).read_text())
+    """A config file's sections and fields: YAML (``.yaml``, ``.yml``) or JSON (``.json``)."""
+    path = Path(path)
+    kind = CONFIG_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: a config file is YAML (.yaml, .yml) or JSON (.json), not {path.suffix or 'a file without a suffix'}")
+    text = path.read_text()
+    if kind == "JSON":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from None
+    else:
+        import yaml  # lazily: the GPU machine's bare environment reads JSON configs only
+
+        try:
+            data = yaml.load(text, Loader=_yaml_loader())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a JSON object")
+        raise ValueError(f"{path}: a config file must hold a mapping of sections and fields, got {type(data).__name__}")
     return data
 
 
+def _yaml_loader() -> type:
+    """PyYAML's safe loader, reading ``2e-3`` as a float: YAML 1.1 wants a dot in a float (``2.0e-3``)
+    and would hand a learning rate over as a string; YAML 1.2, JSON and people write ``2e-3``."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return Loader
+
+
 def layered_config(cls: type, config_file: str | Path | None, assignments: list[str]) -> Any:
-    """Any config dataclass from its defaults, then a JSON file, then ``a.b=value`` assignments.
+    """Any config dataclass from its defaults, then a config file, then ``a.b=value`` assignments.
 
     A nested section whose type has ``from_dict`` (e.g. :class:`TokenizerConfig`, which applies
-    its method preset first) is built by it.
+    its method preset first) is built by it. An error names the layers it was built from.
     """
     file_data = read_config_file(config_file) if config_file is not None else {}
-    return build_config(cls, _deep_merge(_unflatten(file_data), _unflatten(parse_assignments(assignments))))
+    try:
+        return build_config(cls, _deep_merge(_unflatten(file_data), _unflatten(parse_assignments(assignments))))
+    except (ValueError, TypeError) as err:
+        layers = " < ".join(["defaults", *([str(config_file)] if config_file is not None else []), *(["--set"] if assignments else [])])
+        raise ValueError(f"{err} (config: {layers})") from None
+
+
+def describe_config(config: Any, config_file: str | Path | None, assignments: list[str]) -> str:
+    """``config`` (built by :func:`layered_config` from these layers) as YAML, every field with its
+    source as a comment: ``--set``, the file, ``preset <method>`` (a tokenizer method preset's
+    value), ``default``, or ``derived`` (a default the config resolved, e.g. a path made absolute).
+    The text is itself a config file that gives the same config."""
+    sources = {key: "--set" for key in _flat(_unflatten(parse_assignments(assignments)))}
+    if config_file is not None:
+        for key in _flat(_unflatten(read_config_file(config_file))):
+            sources.setdefault(key, str(config_file))
+    lines = [f"# effective {type(config).__name__}: defaults < {config_file or 'no file'} < --set; each value's source after it"]
+
+    def walk(node: Any, prefix: str, indent: str, changed_by: str) -> None:
+        if isinstance(node, TokenizerConfig):
+            changed_by = f"preset {node.method}"
+        for f in dataclasses.fields(node):
+            value, key = getattr(node, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:")
+                walk(value, key + ".", indent + "  ", changed_by)
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            source = sources.get(key) or ("default" if _plain(value) == _plain(default) else changed_by)
+            lines.append(f"{indent}{f.name}: {json.dumps(_plain(value))}  # {source}")
+
+    walk(config, "", "", "derived")
+    return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    """A field value as JSON sees it (tuples as lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _flat(nested: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of a nested mapping's leaves."""
+    keys: list[str] = []
+    for key, value in nested.items():
+        keys += _flat(value, f"{prefix}{key}.") if isinstance(value, Mapping) and value else [prefix + key]
+    return keys
 
 
 def build_config(cls: type, data: Mapping[str, Any]) -> Any:

@@ -18,9 +18,9 @@
 # Extra arguments go to the job (e.g. --force, --reuse-tokenizer VERSION, --set k=v).
 set -euo pipefail
 
-CONFIG=${CONFIG:-infra/configs/recode.json}
+CONFIG=${CONFIG:-infra/configs/recode.yaml}
 PROPERTIES=${PROPERTIES:-infra/spark/spark-submit.conf}
-SPARK_MASTER=${SPARK_MASTER:-$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["spark"]["master"])' "$CONFIG")}
+SPARK_MASTER=${SPARK_MASTER:-$(python -c 'import sys; from sa2crq.config import read_config_file; print(read_config_file(sys.argv[1])["spark"]["master"])' "$CONFIG")}
 DRIVER_MEMORY=${DRIVER_MEMORY:-8g}
 
 # Spark's driver binds and advertises this address; executors must reach it. Without it the job

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import importlib
 import io
-import json
 import re
 import shlex
 import tomllib
@@ -24,11 +23,13 @@ import yaml
 
 from jobs.cli import JOB_HELP, build_parser
 from jobs.config import JOB_CONFIGS, load_job_config
+from sa2crq.config import read_config_file
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 KUBERAY = INFRA / "kuberay"
 CONFIGS = INFRA / "configs"
+
 SPARK = INFRA / "spark"
 DOCKER = INFRA / "docker"
 
@@ -36,6 +37,11 @@ AWS_SECRET_ENV = {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOK
 AWS_SECRET_NAME = "sa2crq-aws"
 JOB_CONFIG_MAP = "sa2crq-configs"
 ENV_CONFIG_MAP = "sa2crq-env"
+
+
+def job_configs() -> list[Path]:
+    """The example job configs (every YAML file of infra/configs but its kustomization)."""
+    return sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -128,7 +134,7 @@ def job_config_wants_gpu(config: Any) -> bool:
 
 
 def check_entrypoint(rayjob: dict[str, Any]) -> list[str]:
-    """`sa2crq <job> --config /mounted/<file>.json ...`: a real job subcommand whose arguments the
+    """`sa2crq <job> --config /mounted/<file>.yaml ...`: a real job subcommand whose arguments the
     CLI parser accepts, a config file in infra/configs that loads for that job, mounted from the
     job-config ConfigMap."""
     problems = []
@@ -200,7 +206,7 @@ def check_images_and_gpus(rayjob: dict[str, Any]) -> list[str]:
             problems.append(f"container {container.get('name')} asks for GPUs but runs {container.get('image')!r}")
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     job = argv[1]
-    config = load_job_config(job, str(CONFIGS / f"{job}.json"), [])
+    config = load_job_config(job, str(CONFIGS / f"{job}.yaml"), [])
     gpu_groups = [name for name, spec in pod_specs(rayjob) if any(gpus(c) for c in spec.get("containers", []))]
     if job_config_wants_gpu(config):
         if not gpu_groups or "head" in gpu_groups:
@@ -301,7 +307,7 @@ def test_every_manifest_is_applied_and_keeps_credentials_out():
 def test_config_map_generator_lists_exactly_the_configs():
     generated = generated_config_maps()[JOB_CONFIG_MAP]
     assert generated["dir"] == CONFIGS
-    assert sorted(generated["files"]) == sorted(p.name for p in CONFIGS.glob("*.json"))
+    assert sorted(generated["files"]) == sorted(p.name for p in job_configs())
     assert all(path.is_file() and path.parent == CONFIGS for path in generated["files"].values())
     parser = build_parser()
     entrypoint_configs = {Path(parser.parse_args(shlex.split(doc["spec"]["entrypoint"])[1:]).config).name for _, doc in rayjobs()}
@@ -312,9 +318,9 @@ def test_configs_load_and_name_the_cluster():
     """Each config loads for its job; an s3:// root names its endpoint (otherwise the job starts a
     local SeaweedFS), the one Ray pods get as AWS_ENDPOINT_URL; Ray and Spark attach to clusters."""
     env = generated_config_maps()[ENV_CONFIG_MAP]["literals"]
-    for path in sorted(CONFIGS.glob("*.json")):
+    for path in job_configs():
         config = load_job_config(path.stem, str(path), [])
-        raw = json.loads(path.read_text())
+        raw = read_config_file(path)
         assert config.storage.root.startswith("s3://"), path.name
         assert config.storage.endpoint_url, f"{path.name}: an s3:// root without endpoint_url starts a local server"
         assert config.storage.endpoint_url == env["AWS_ENDPOINT_URL"], path.name
@@ -349,7 +355,7 @@ def test_spark_properties_match_pyspark():
 def test_submit_script():
     text = (SPARK / "submit-recode.sh").read_text()
     assert not check_script_paths(text), check_script_paths(text)
-    assert "infra/spark/spark-submit.conf" in text and "infra/configs/recode.json" in text
+    assert "infra/spark/spark-submit.conf" in text and "infra/configs/recode.yaml" in text
     assert "import jobs.cli" in text and " recode " in text
     assert "recode" in cli_subcommands()
 
@@ -375,13 +381,13 @@ def _worker_container(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 BROKEN = {
-    "job-name typo": (check_entrypoint, lambda: _set_entrypoint(_rayjob("recode"), "sa2crq recdoe --config /etc/sa2crq/recode.json")),
-    "not the console script": (check_entrypoint, lambda: _set_entrypoint(_rayjob("recode"), "python -m jobs.cli recode --config /etc/sa2crq/recode.json")),
-    "unknown option": (check_entrypoint, lambda: _set_entrypoint(_rayjob("ingest"), "sa2crq ingest --confg /etc/sa2crq/ingest.json")),
-    "missing config file": (check_entrypoint, lambda: _set_entrypoint(_rayjob("ingest"), "sa2crq ingest --config /etc/sa2crq/ingest-prod.json")),
-    "config of another job": (check_entrypoint, lambda: _set_entrypoint(_rayjob("ingest"), "sa2crq ingest --config /etc/sa2crq/generate.json")),
-    "bad --set": (check_entrypoint, lambda: _set_entrypoint(_rayjob("ingest"), "sa2crq ingest --config /etc/sa2crq/ingest.json --set ray.actorz=2")),
-    "config not mounted there": (check_entrypoint, lambda: _set_entrypoint(_rayjob("ingest"), "sa2crq ingest --config /etc/other/ingest.json")),
+    "job-name typo": (check_entrypoint, lambda: _set_entrypoint(_rayjob("recode"), "sa2crq recdoe --config /etc/sa2crq/recode.yaml")),
+    "not the console script": (check_entrypoint, lambda: _set_entrypoint(_rayjob("recode"), "python -m jobs.cli recode --config /etc/sa2crq/recode.yaml")),
+    "unknown option": (check_entrypoint, lambda: _set_entrypoint(_rayjob("ingest"), "sa2crq ingest --confg /etc/sa2crq/ingest.yaml")),
+    "missing config file": (check_entrypoint, lambda: _set_entrypoint(_rayjob("ingest"), "sa2crq ingest --config /etc/sa2crq/ingest-prod.yaml")),
+    "config of another job": (check_entrypoint, lambda: _set_entrypoint(_rayjob("ingest"), "sa2crq ingest --config /etc/sa2crq/generate.yaml")),
+    "bad --set": (check_entrypoint, lambda: _set_entrypoint(_rayjob("ingest"), "sa2crq ingest --config /etc/sa2crq/ingest.yaml --set ray.actorz=2")),
+    "config not mounted there": (check_entrypoint, lambda: _set_entrypoint(_rayjob("ingest"), "sa2crq ingest --config /etc/other/ingest.yaml")),
     "no shutdown": (check_rayjob_shape, lambda: {**_rayjob("evaluate"), "spec": {**_rayjob("evaluate")["spec"], "shutdownAfterJobFinishes": False}}),
     "foreign image": (check_images_and_gpus, lambda: _mutate(_rayjob("ingest"), lambda d: _first_container(d).update(image="rayproject/ray:2.60.0"))),
     "GPU on the CPU image": (check_images_and_gpus, lambda: _mutate(_rayjob("train-retriever"), lambda d: _worker_container(d).update(image=dockerfile_images()["Dockerfile"]))),
