@@ -35,6 +35,10 @@ demo: $(STAMP)
 	$(BIN)/sa2crq train-retriever --config configs/demo/train-retriever.yaml
 	$(BIN)/sa2crq generate --config configs/demo/generate.yaml
 	$(BIN)/sa2crq evaluate --config configs/demo/evaluate.yaml
+	@echo "HTML reports (open in a browser):"
+	@$(BIN)/sa2crq --log-level WARNING versions show LATEST --root s3://sa2crq/demo --local-server-dir $(DEMO_OUT)/object-store --page $(DEMO_OUT)/reports/sid-version.html | grep '^report page'
+	@$(BIN)/sa2crq --log-level WARNING versions show LATEST --kind retrievers --root s3://sa2crq/demo --local-server-dir $(DEMO_OUT)/object-store --page $(DEMO_OUT)/reports/retriever.html | grep '^report page'
+	@echo "report page: $(DEMO_OUT)/evaluation.html"
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

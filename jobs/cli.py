@@ -88,6 +88,7 @@ def _add_versions_commands(commands: argparse._SubParsersAction) -> None:
     show = store(actions.add_parser("show", help="a version's manifest (files by part, sizes), meta and report"))
     show.add_argument("version", help="a published version, or LATEST")
     show.add_argument("--files", action="store_true", help="list every file, not one line per part")
+    show.add_argument("--page", metavar="PATH.html", help="also copy the version's report page (plots) to this local file")
     diff = store(actions.add_parser("diff", help="SID churn and remap between two SID versions"), kind=False)
     diff.add_argument("previous", help="the older version (or LATEST)")
     diff.add_argument("current", help="the newer version (or LATEST)")
@@ -103,7 +104,7 @@ def _versions(args: argparse.Namespace) -> int:
     from sa2crq.storage.publish import Publisher
     from sa2crq.storage.versions import (
         diff_sid_versions, format_check, format_sid_diff, format_version_detail, format_version_list, list_versions,
-        show_version, verify_version,
+        save_report_page, show_version, verify_version,
     )  # fmt: skip
 
     storage = StorageConfig(root=args.root, endpoint_url=args.endpoint_url, local_server_dir=args.local_server_dir)
@@ -114,6 +115,8 @@ def _versions(args: argparse.Namespace) -> int:
             print(format_version_list(summaries) if summaries else f"no {args.kind} version is published under {publisher.root_url}")
         elif args.versions_command == "show":
             print(format_version_detail(show_version(publisher, args.version), every_file=args.files))
+            if args.page:
+                print(f"report page: {save_report_page(publisher, args.version, args.page)}")
         elif args.versions_command == "diff":
             print(format_sid_diff(diff_sid_versions(publisher, args.previous, args.current), examples=args.examples))
         else:

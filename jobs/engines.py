@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterator
 import pyarrow.fs as pafs
 
 from jobs.config import RayConfig, SparkConfig
+from sa2crq.progress import progress_mode
 from sa2crq.storage.filesystem import resolve_filesystem
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ def spark_session(config: SparkConfig, app: str) -> Iterator["SparkSession"]:
         .appName(f"sa2crq-{app}")
         .config("spark.sql.shuffle.partitions", str(config.shuffle_partitions))
         .config("spark.driver.memory", config.driver_memory)
-        .config("spark.ui.showConsoleProgress", "false")
+        # Spark's own stage bar where progress is drawn as bars (a terminal); its log lines otherwise.
+        .config("spark.ui.showConsoleProgress", str(progress_mode() == "bar").lower())
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("WARN")
@@ -61,6 +63,7 @@ def ray_runtime(config: RayConfig) -> Iterator[None]:
     """Ray for the job: the cluster at ``address`` / RAY_ADDRESS, or a local one. A Ray that is
     already up (a test's) is reused and left running."""
     import ray
+    import ray.data
 
     if ray.is_initialized():
         yield
@@ -68,6 +71,9 @@ def ray_runtime(config: RayConfig) -> Iterator[None]:
     # Workers inherit this process's environment (AWS_ENDPOINT_URL, credentials) on a local Ray.
     ray.init(address=config.address, num_cpus=config.num_cpus if config.address is None else None,
              include_dashboard=False, configure_logging=False, log_to_driver=True)  # workers' progress lines
+    # Ray Data draws its own per-operator bars: on a terminal only (its periodic progress logging
+    # covers the rest), and none when progress is off.
+    ray.data.DataContext.get_current().enable_progress_bars = progress_mode() == "bar"
     try:
         yield
     finally:

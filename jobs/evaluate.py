@@ -16,8 +16,9 @@ import pyarrow as pa
 
 from jobs.config import EvaluateConfig
 from jobs.object_store import object_store
-from jobs.publishing import resolve_version, write_json
+from jobs.publishing import resolve_version, write_json, write_text
 from jobs.summary import JobSummary
+from sa2crq.metrics.html_report import evaluation_page
 from sa2crq.metrics.retrieval import RetrievalAccumulator
 from sa2crq.retrieval.data import BY_USER_TIME, Sequences, evaluation_requests, on_catalog
 from sa2crq.retrieval.serving import load_server
@@ -56,9 +57,12 @@ def run_evaluate(config: EvaluateConfig) -> JobSummary:
                   "generation": server.generator.config.to_dict(), "metrics": metrics,
                   "off_catalog": {"history_rows": history_off, "targets": targets_off}}  # fmt: skip
         out = config.out or f"{storage.root.rstrip('/')}/evaluations/{retriever_version}.json"
+        page = f"{out.removesuffix('.json')}.html"
+        write_text(page, evaluation_page(report, f"Evaluation of retriever {retriever_version} on SID version {sid_version}"))
         write_json(out, report)
         summary = JobSummary("evaluate", publishes=False, report=report)
         summary.add("evaluation report", out)
+        summary.add("evaluation report page", page)
         if targets_off:
             summary.notes.append(f"{targets_off} targets name items outside SID version {sid_version} and are not scored")
         summary.notes.append("\n" + format_metrics(metrics))

@@ -33,10 +33,14 @@ def publish_on_latest(publisher: Publisher, version: str, *, meta: dict[str, Any
 
 
 def write_json(url: str, report: dict[str, Any]) -> None:
+    write_text(url, dumps_report(report))
+
+
+def write_text(url: str, text: str) -> None:
     fs, path = resolve_filesystem(url)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)  # a local directory must exist; on object stores a no-op
     with fs.open_output_stream(path) as f:
-        f.write(dumps_report(report).encode())
+        f.write(text.encode())
 
 
 def read_json(url: str) -> dict[str, Any]:

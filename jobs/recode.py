@@ -24,9 +24,11 @@ import numpy as np
 from jobs.config import RecodeConfig, config_dict
 from jobs.engines import SparkStaging, copy_tree, ray_runtime, remove_tree, spark_session
 from jobs.object_store import object_store
-from jobs.publishing import write_json
+from jobs.publishing import write_json, write_text
 from jobs.summary import JobSummary
 from sa2crq.ids.sid_table import SIDVocabulary
+from sa2crq.metrics.html_report import sid_version_page
+from sa2crq.metrics.tokenizer_report import codebook_stats
 from sa2crq.data.segments import SEGMENT_NAMES
 from sa2crq.quantize.tokenizer import Tokenizer, load_tokenizer
 from sa2crq.storage import layout
@@ -167,6 +169,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     report["seconds"] = timings
 
     remove_tree(work)
+    write_text(f"{url}/{layout.REPORT_PAGE}", sid_version_page(report, f"SID version {version} (recode)"))
     write_json(f"{url}/{layout.REPORT}", report)
     summary.report = report
     summary.add("rejected items", f"{url}/{layout.REJECTS}/items", items.counts["rejected"])
@@ -178,6 +181,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     summary.add("trie", f"{url}/{layout.TRIE}", trie.n_sids, unit="SIDs")
     summary.add("tokenizer", f"{url}/{layout.TOKENIZER}")
     summary.add("report", f"{url}/{layout.REPORT}")
+    summary.add("report page", f"{url}/{layout.REPORT_PAGE}")
 
     refusal = publish_refusal(churn, config) if parent is not None and not force else None
     if refusal is not None:
@@ -226,7 +230,9 @@ def _tokenizer(config: RecodeConfig, publisher: Publisher, version: str, target:
 
 
 def _sid_statistics(sids, vocab: SIDVocabulary) -> dict[str, Any]:
-    """Per segment and overall: items, mean SID length, collision rate, largest bucket (Spark aggregates)."""
+    """Per segment and overall: items, mean SID length, collision rate, largest bucket, SID-length
+    histogram; overall the bucket-size distribution and each level's codebook use, the same numbers
+    the library's tokenizer report gives (Spark aggregates; only histograms reach the driver)."""
     from pyspark.sql import functions as F
 
     def stats(frame) -> dict[str, Any]:
@@ -238,10 +244,23 @@ def _sid_statistics(sids, vocab: SIDVocabulary) -> dict[str, Any]:
         ).first()
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.asDict().items()}
 
+    def value_counts(frame, column: str) -> dict[str, int]:
+        rows = sorted(frame.groupBy(column).count().collect(), key=lambda r: r[column])
+        return {str(r[column]): r["count"] for r in rows}
+
     overall = stats(sids)
     overall["distinct_sids"] = sids.select("sid").distinct().count()
     overall["vocab_size"] = vocab.size
-    overall["segments"] = {name: stats(sids.filter(F.col("segment") == name)) for name in SEGMENT_NAMES}
+    overall["bucket_sizes"] = value_counts(sids, "bucket_size")
+    overall["segments"] = {}
+    for name in SEGMENT_NAMES:
+        segment = sids.filter(F.col("segment") == name)
+        overall["segments"][name] = {**stats(segment), "sid_length_histogram": value_counts(segment, "sid_len")}
+    used = sids.select(F.posexplode("codes").alias("level", "code")).groupBy("level", "code").count().collect()
+    counts = [np.zeros(size, dtype=np.int64) for size in vocab.codebook_sizes]
+    for r in used:  # levels x codebook size rows at most
+        counts[r["level"]][r["code"]] = r["count"]
+    overall["codebook"] = [codebook_stats(c, size) for c, size in zip(counts, vocab.codebook_sizes)]
     return overall
 
 

@@ -14,10 +14,11 @@ import logging
 from jobs.config import TrainRetrieverConfig, config_dict
 from jobs.engines import ray_runtime
 from jobs.object_store import object_store
-from jobs.publishing import publish_on_latest, resolve_version, write_json
+from jobs.publishing import publish_on_latest, resolve_version, write_json, write_text
 from jobs.summary import JobSummary
 from sa2crq.data.embed import EMBEDDING_DIM
 from sa2crq.ids.sid_table import SIDVocabulary
+from sa2crq.metrics.html_report import retriever_page
 from sa2crq.retrieval.checkpoint import save_retriever
 from sa2crq.retrieval.model import RetrieverConfig
 from sa2crq.storage import layout
@@ -59,6 +60,7 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
             save_retriever(f"{url}/{layout.RETRIEVER}", model, sid_version=sid_version, meta=meta)
             report = {"sid_version": sid_version, "parameters": model.num_parameters(), "history": history, "scorer": scorer,
                       "config": config_dict(config)}  # fmt: skip
+            write_text(f"{url}/{layout.TRAIN_REPORT_PAGE}", retriever_page(report, f"Retriever version {version} on SID version {sid_version}"))
             write_json(f"{url}/{layout.TRAIN_REPORT}", report)
             publish_on_latest(retrievers, version, meta={"job": "train-retriever", "sid_version": sid_version, "request_kind": config.request_kind})
         except BaseException:
@@ -68,6 +70,7 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         summary.report = report
         summary.add("retriever", f"{url}/{layout.RETRIEVER}")
         summary.add("train report", f"{url}/{layout.TRAIN_REPORT}")
+        summary.add("train report page", f"{url}/{layout.TRAIN_REPORT_PAGE}")
         summary.notes.append(
             f"trained on SID version {sid_version}: {model.num_parameters():,} parameters, {history['examples_per_second']:.0f} "
             f"examples/s, best step {history['best_step']} of {history['steps']} (validation Recall@10 "

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from sa2crq.config import METHODS, load_tokenizer_config
+from sa2crq.progress import ENV as PROGRESS_ENV, MODES
 
 DEFAULT_CACHE = Path(os.environ.get("SA2CRQ_CACHE", ".cache"))
 BAD_INPUT = 2  # exit code: bad input or config (a refused input included)
@@ -30,11 +31,18 @@ def main(argv: list[str] | None = None) -> int:
 def base_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="sa2crq", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--progress", choices=MODES,
+        help="progress of long stages: live bars (default on a terminal), plain log lines with rate and ETA (default elsewhere), or off",
+    )  # fmt: skip
+    parser.add_argument("--quiet", action="store_const", const="off", dest="progress", help="no progress (same as --progress off)")
     return parser, parser.add_subparsers(dest="command", required=True)
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
+    if args.progress is not None:  # in the environment, so the processes a job starts (Ray workers) inherit it
+        os.environ[PROGRESS_ENV] = args.progress
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)

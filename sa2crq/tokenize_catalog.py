@@ -28,6 +28,7 @@ from sa2crq.data.validation import (
 )
 from sa2crq.ids.sid_table import SIDTable, assign_sids
 from sa2crq.ids.trie import SIDTrie
+from sa2crq.metrics.html_report import sid_version_page
 from sa2crq.metrics.tokenizer_report import tokenizer_report
 from sa2crq.storage.reports import dumps_report
 from sa2crq.quantize.sample import in_sample, sample_fractions, sample_report
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 SID_TABLE_FILE = "sid_table.parquet"
 REPORT_FILE = "report.json"
+REPORT_PAGE_FILE = "report.html"
 TOKENIZER_DIR = "tokenizer"
 TRIE_DIR = "trie"
 
@@ -120,6 +122,8 @@ def write_result(result: TokenizeResult, out_dir: str | Path) -> dict[str, str]:
     SIDTrie.build(table.tokens, table.sid_len + 1, table.vocab.size).save(paths["trie"])
     written = {name: str(path) for name, path in paths.items()}
     written |= write_catalog_rejects(ValidatedCatalog(result.items, result.interactions), out)
+    page = out / REPORT_PAGE_FILE
+    page.write_text(sid_version_page(result.report, f"SID table: {result.report['method']}, {result.report['items']:,} items"))
     report = out / REPORT_FILE
     report.write_text(dumps_report(result.report))
-    return written | {"report": str(report)}
+    return written | {"report page": str(page), "report": str(report)}

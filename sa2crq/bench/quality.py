@@ -188,6 +188,7 @@ def run_quality_benchmark(data_dir: Path, profile: Profile, out_path: Path, devi
         _write(out_path, result)
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["plot"] = plot_learning_curves(result, out_path.with_suffix(".png"))
+    result["page"] = write_quality_page(result, out_path.with_suffix(".html"), result["plot"])
     _write(out_path, result)
     return result
 
@@ -460,19 +461,40 @@ def _write(path: Path, result: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+QUALITY_COLUMNS = (
+    "variant", "R@5", "N@5", "R@10", "N@10", "gen-only R@10", "tail R@10", "cold R@10 (run 2)", "halluc.", "tail cov.",
+    "top-10 from buckets / dense", "ID len head/tail", "train ex/s", "best step / steps", "wall s",
+    "R@10 vs TIGER (95% CI)", "R@10 vs k-NN (95% CI)",
+)  # fmt: skip
+
+
 def format_quality_table(result: dict[str, Any]) -> str:
-    """The side-by-side table (markdown): run 1 (leave-one-out) metrics, cold R@10 of run 2, where
-    the top-10 came from, training (examples/s, selected step of steps run, converged), and the
-    paired-bootstrap differences of R@10 to TIGER and to the k-NN row."""
-    columns = [
-        "variant", "R@5", "N@5", "R@10", "N@10", "gen-only R@10", "tail R@10", "cold R@10 (run 2)", "halluc.", "tail cov.",
-        "top-10 from buckets / dense", "ID len head/tail", "train ex/s", "best step / steps", "wall s",
-        "R@10 vs TIGER (95% CI)", "R@10 vs k-NN (95% CI)",
-    ]  # fmt: skip
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    """The side-by-side table as markdown (:func:`quality_table_rows`)."""
+    lines = ["| " + " | ".join(QUALITY_COLUMNS) + " |", "|" + "---|" * len(QUALITY_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in quality_table_rows(result)])
+
+
+def write_quality_page(result: dict[str, Any], path: Path, curves: str | None) -> str:
+    """The benchmark's HTML page beside its JSON: the table, hardware and wall time, the learning curves."""
+    from sa2crq.metrics.html_report import quality_page
+
+    notes = [f"Profile {result['profile']} on {result['hardware']}; seeds {result['seeds']} (run 1), {result['cold_seeds']} (run 2); "
+             f"wall time {result.get('seconds', 0) / 60:.1f} minutes; data {result['data']}.",
+             "gen-only: the same checkpoints ranked with the scorer's dense path off. Intervals: paired bootstrap 95% over users."]  # fmt: skip
+    png = Path(curves).read_bytes() if curves else None
+    path.write_text(quality_page(f"Retrieval quality, profile {result['profile']}", QUALITY_COLUMNS, quality_table_rows(result), notes, png))
+    return str(path)
+
+
+def quality_table_rows(result: dict[str, Any]) -> list[list[str]]:
+    """The side-by-side table, one row per variant under :data:`QUALITY_COLUMNS`: run 1
+    (leave-one-out) metrics, cold R@10 of run 2, where the top-10 came from, training (examples/s,
+    selected step of steps run, converged), and the paired-bootstrap differences of R@10 to TIGER
+    and to the k-NN row."""
+    rows = []
     for name, row in result["rows"].items():
         if "skipped" in row:
-            lines.append(f"| {name} | skipped: {row['skipped']} |" + " |" * (len(columns) - 2))
+            rows.append([name, f"skipped: {row['skipped']}", *[""] * (len(QUALITY_COLUMNS) - 2)])
             continue
         r1, r2 = row.get("run1", {}), row.get("run2", {})
         tok = row.get("tokenizer", {})
@@ -480,16 +502,14 @@ def format_quality_table(result: dict[str, Any]) -> str:
         trains = [seed["train"] for seed in seeds if seed.get("train")]
         speed = f"{np.mean([t['examples_per_second'] for t in trains]):.0f}" if trains else "-"
         steps = ", ".join(f"{t['best_step']}/{t['steps']}" + ("" if t["converged"] else " (not converged)") for t in trains) or "-"
-        lines.append(
-            "| " + " | ".join([
-                name, _f(r1.get("recall@5")), _f(r1.get("ndcg@5")), _f(r1.get("recall@10")), _f(r1.get("ndcg@10")),
-                _f(r1.get("generation_only")), _f(r1.get("tail_recall@10")), _f(r2.get("recall@10")), _f(r1.get("hallucination")),
-                str(r1.get("tail_coverage", "-")), f"{_f(r1.get('bucket_share_at_k'), 2)} / {_f(r1.get('dense_share_at_k'), 2)}",
-                f"{_f(tok.get('mean_sid_len_head'), 2)}/{_f(tok.get('mean_sid_len_tail'), 2)}", speed, steps,
-                str(row.get("seconds", "-")), _interval(row, "vs_tiger"), _interval(row, "vs_knn"),
-            ]) + " |"
-        )  # fmt: skip
-    return "\n".join(lines)
+        rows.append([
+            name, _f(r1.get("recall@5")), _f(r1.get("ndcg@5")), _f(r1.get("recall@10")), _f(r1.get("ndcg@10")),
+            _f(r1.get("generation_only")), _f(r1.get("tail_recall@10")), _f(r2.get("recall@10")), _f(r1.get("hallucination")),
+            str(r1.get("tail_coverage", "-")), f"{_f(r1.get('bucket_share_at_k'), 2)} / {_f(r1.get('dense_share_at_k'), 2)}",
+            f"{_f(tok.get('mean_sid_len_head'), 2)}/{_f(tok.get('mean_sid_len_tail'), 2)}", speed, steps,
+            str(row.get("seconds", "-")), _interval(row, "vs_tiger"), _interval(row, "vs_knn"),
+        ])  # fmt: skip
+    return rows
 
 
 def _interval(row: dict[str, Any], key: str) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ import pyarrow.parquet as pq
 
 from sa2crq.data.columns import list_matrix
 from sa2crq.data.text import item_text
+from sa2crq.progress import Progress
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -148,13 +148,12 @@ class TextEmbedder:
         """Embed ``texts`` in progress steps, appending each step to the cache as soon as it is done."""
         vectors = np.empty((len(texts), EMBEDDING_DIM), dtype=np.float32)
         step = self.batch_size * self.log_every_batches
-        started = time.monotonic()
-        for start in range(0, len(texts), step):
-            stop = min(start + step, len(texts))
-            vectors[start:stop] = self._encode(texts[start:stop])
-            self._store(keys[start:stop], vectors[start:stop])
-            if len(texts) > step:
-                log.info("embedded %d/%d texts in %.1f s", stop, len(texts), time.monotonic() - started)
+        with Progress("embedding", total=len(texts), unit="text") as progress:
+            for start in range(0, len(texts), step):
+                stop = min(start + step, len(texts))
+                vectors[start:stop] = self._encode(texts[start:stop])
+                self._store(keys[start:stop], vectors[start:stop])
+                progress.update(stop - start)
         return vectors
 
     def _lookup(self, keys: pa.Array) -> tuple[pa.Array, np.ndarray]:

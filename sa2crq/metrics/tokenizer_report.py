@@ -5,7 +5,8 @@ Metrics, each over the SID table of one catalog:
 * ``full_path_collision_rate``: share of items whose full-depth code path is shared, before any
   truncation or digit; a property of the quantizer alone.
 * ``bucket_sizes``: histogram of items by the size of the bucket they are in; ``max_bucket``.
-* ``mean_sid_len`` / ``mean_code_depth`` per segment: tokens before EOS / code levels kept.
+* ``mean_sid_len`` / ``mean_code_depth`` per segment: tokens before EOS / code levels kept;
+  ``sid_length_histogram``: items by SID length (tokens before EOS), ``{"length": items}``.
 * ``codebook``: per level, utilisation (distinct codes used / codebook size) and perplexity
   (exp of the entropy of the code distribution; K means perfectly even use).
 * ``cold_sharing_warm``: cold items whose SID is also carried by at least one warm item.
@@ -38,10 +39,10 @@ def tokenizer_report(table: SIDTable, fit_report: dict[str, Any], *, method: str
             "mean_sid_len": _mean(table.sid_len[mask]),
             "mean_code_depth": _mean(table.code_depth[mask]),
             "code_depth_histogram": _histogram(table.code_depth[mask], 1, levels),
+            "sid_length_histogram": _value_counts(table.sid_len[mask]),
             "collision_rate": _mean(shared[mask]),
             "full_path_collision_rate": _mean(full_shared[mask]),
         }
-    sizes, counts = np.unique(table.bucket_size, return_counts=True)
     warm_sid = np.zeros(int(table.sid_index.max()) + 1, dtype=bool)
     warm_sid[table.sid_index[table.segments != COLD]] = True
     cold = table.segments == COLD
@@ -57,7 +58,7 @@ def tokenizer_report(table: SIDTable, fit_report: dict[str, Any], *, method: str
         "mean_sid_len": _mean(table.sid_len),
         "collision_rate": _mean(shared),
         "full_path_collision_rate": _mean(full_shared),
-        "bucket_sizes": {str(int(s)): int(c) for s, c in zip(sizes, counts)},
+        "bucket_sizes": _value_counts(table.bucket_size),
         "max_bucket": int(table.bucket_size.max()),
         "bucket_cap": max_bucket,
         "truncated_buckets_over_cap": int(
@@ -67,7 +68,7 @@ def tokenizer_report(table: SIDTable, fit_report: dict[str, Any], *, method: str
         "cold_items": int(cold.sum()),
         "cold_sharing_warm": int(warm_sid[table.sid_index[cold]].sum()),
         "segments": segments,
-        "codebook": [_codebook_stats(table.codes[:, level], size) for level, size in enumerate(table.vocab.codebook_sizes)],
+        "codebook": [codebook_stats(np.bincount(table.codes[:, level], minlength=size), size) for level, size in enumerate(table.vocab.codebook_sizes)],
     }
     report.update({k: v for k, v in fit_report.items() if k != "loss"})
     return report
@@ -110,8 +111,10 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _codebook_stats(codes: np.ndarray, size: int) -> dict[str, Any]:
-    counts = np.bincount(codes, minlength=size).astype(np.float64)
+def codebook_stats(counts: np.ndarray, size: int) -> dict[str, Any]:
+    """One level's codebook use from ``counts[c]``, the items holding code c (the recode job's Spark
+    aggregate hands over the same counts)."""
+    counts = np.asarray(counts, dtype=np.float64)
     p = counts[counts > 0] / counts.sum()
     return {
         "size": int(size),
@@ -119,6 +122,12 @@ def _codebook_stats(codes: np.ndarray, size: int) -> dict[str, Any]:
         "utilisation": float((counts > 0).sum() / size),
         "perplexity": float(np.exp(-(p * np.log(p)).sum())),
     }
+
+
+def _value_counts(values: np.ndarray) -> dict[str, int]:
+    """``{"value": count}`` of an integer array, ascending (JSON keys are strings)."""
+    distinct, counts = np.unique(values, return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(distinct, counts)}
 
 
 def _histogram(values: np.ndarray, low: int, high: int) -> list[int]:

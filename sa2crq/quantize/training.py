@@ -14,6 +14,7 @@ from torch import nn
 
 from sa2crq.config import RQVAEConfig
 from sa2crq import distributed
+from sa2crq.progress import Progress
 from sa2crq.quantize.rqvae import RQVAE, Quantized
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def run_epochs(
     steps = distributed.steps_per_epoch(n_rows, batch_size)
     history: list[float] = []
     step = 0
+    progress = Progress(f"tokenizer {name}", total=epochs * steps, unit="step")
     for epoch in range(epochs):
         order = torch.randperm(max(n_rows, 1), generator=generator)
         total = 0.0
@@ -57,11 +59,14 @@ def run_epochs(
             optimiser.step()
             total += float(loss.detach())
             step += 1
+            progress.update(1)
         history.append(total / steps)
+        progress.update(0, epoch=epoch + 1, loss=history[-1])
         if after_epoch is not None:
             after_epoch(epoch)
         if epoch == 0 or (epoch + 1) % max(1, epochs // 5) == 0:
             log.info("%s epoch %d/%d loss %.5f", name, epoch + 1, epochs, history[-1])
+    progress.close()
     return history
 
 

@@ -15,6 +15,7 @@ import torch
 
 from sa2crq import distributed
 from sa2crq.ids.trie import SIDTrie
+from sa2crq.progress import Progress
 from sa2crq.retrieval.beam import beam_search
 from sa2crq.retrieval.data import Requests, user_token
 from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, mixed_precision
@@ -143,6 +144,7 @@ class CandidateGenerator:
         """Per batch of requests: what the scorer needs (beams, similarities, dense log-probs,
         exclusions), and how many constrained beams were invalid (must be 0)."""
         item_vectors = self.model.item_vectors(self.items) if self.model.config.dense_head else None
+        progress = Progress("generation", total=len(requests), unit="request")
         for rows in self._batches(requests):
             with mixed_precision(self.device):
                 request, memory, mask = self._encode(requests, rows)
@@ -155,7 +157,9 @@ class CandidateGenerator:
                 dense = torch.log_softmax(dense.float(), dim=1)
             excluded = torch.as_tensor(requests.excluded_matrix(rows), device=self.device)
             features = RequestFeatures(beams.sid_index, beams.log_probs, request @ self.item_embeddings.T, dense, excluded)
+            progress.update(len(rows))
             yield features, int((live & (beams.sid_index < 0)).sum())
+        progress.close()
 
     @torch.no_grad()
     def generate(self, requests: Requests, weights: ScorerWeights | None = None) -> Candidates:

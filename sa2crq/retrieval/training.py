@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from sa2crq import distributed
+from sa2crq.progress import Progress
 from sa2crq.ids.trie import PAD
 from sa2crq.retrieval.data import Requests, user_token
 from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, mixed_precision
@@ -210,6 +211,7 @@ def train_retriever(
     train_seconds, loss_total, token_total, done, local_examples, examples = 0.0, 0.0, 0, 0, 0, 0
     started = time.perf_counter()
     order = np.zeros(0, dtype=np.int64)
+    progress = Progress("retriever training", total=total_steps, unit="step")
     while done < total_steps:
         epoch_step = done % steps_per_epoch
         if epoch_step == 0:
@@ -234,6 +236,7 @@ def train_retriever(
         local_examples += losses.targets
         done += 1
         train_seconds += time.perf_counter() - step_start
+        progress.update(1, loss=float(loss.detach()))
         if done % eval_every and done < total_steps:
             continue
         valid_loss = validation_loss(model, valid, items, config, user_offset=user_offset)
@@ -244,6 +247,7 @@ def train_retriever(
             "train_loss": loss_total / max(token_total, 1), "valid_loss": valid_loss, "metric": metric,
         }  # fmt: skip
         curve.append(point)
+        progress.update(0, selection=metric)
         loss_total, token_total = 0.0, 0
         log.info("retriever step %d/%d train %.4f valid loss %.4f selection metric %.4f", done, total_steps, point["train_loss"], valid_loss, metric)
         if metric > best["metric"]:
@@ -251,6 +255,7 @@ def train_retriever(
         if len(curve) - 1 - best["evaluation"] >= config.patience:
             log.info("early stop: no better selection metric for %d evaluations", config.patience)
             break
+    progress.close()
     model.load_state_dict(best["state"])
     best_point = curve[best["evaluation"]] if curve else {}
     return {

@@ -17,11 +17,13 @@ REMAP = "remap"  # item_id, old_sid, new_sid, change: every SID that changed sin
 DELTA = "delta"  # ingest only: the SID rows this version added
 REJECTS = "rejects"  # items.parquet, interactions.parquet: quarantined input rows with a reason
 REPORT = "report.json"
+REPORT_PAGE = "report.html"  # the report as a page with plots (sa2crq.metrics.html_report), beside the JSON
 WORK = "_work"  # the job's scratch inside the version; removed before the manifest is written
 
 # --- retriever versions, written by train-retriever ---------------------------------------------
 RETRIEVER = "retriever"  # safetensors + JSON, records the SID version it was trained on
 TRAIN_REPORT = "train_report.json"
+TRAIN_REPORT_PAGE = "train_report.html"
 
 # The SID table's columns, in order (:meth:`sa2crq.ids.sid_table.SIDTable.to_arrow`).
 SID_TABLE_COLUMNS = ("item_id", "sid", "sid_len", "code_depth", "digit", "bucket_size", "segment", "popularity", "codes")

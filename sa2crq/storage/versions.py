@@ -12,6 +12,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -23,8 +24,10 @@ from sa2crq.storage.publish import LATEST, MANIFEST, Commit, Manifest, Publisher
 
 # The meta key under which the SID jobs (recode, ingest) record their table's rows.
 ROW_COUNT_KEY = "items"
-# Reports a version may carry, by kind: a SID version's report.json, a retriever's train_report.json.
+# Reports a version may carry, by kind: a SID version's report.json, a retriever's train_report.json,
+# and each as a page with plots.
 REPORT_NAMES = (layout.REPORT, layout.TRAIN_REPORT)
+REPORT_PAGES = (layout.REPORT_PAGE, layout.TRAIN_REPORT_PAGE)
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,20 @@ def show_version(publisher: Publisher, version: str) -> VersionDetail:
     if report_name is not None:
         report = json.loads(publisher.fs.cat_file(f"{publisher.version_path(version)}/{report_name}"))
     return VersionDetail(_summary(commit, manifest, latest=commit is history[-1]), manifest, parts, report_name, report)
+
+
+def save_report_page(publisher: Publisher, version: str, path: str) -> str:
+    """Copy a published version's report page (``report.html`` / ``train_report.html``) to a local
+    ``path`` to open in a browser (an object store's files cannot be opened there)."""
+    version = published_version(publisher, version)
+    listed = publisher.manifest(version).files
+    name = next((name for name in REPORT_PAGES if name in listed), None)
+    if name is None:
+        raise ValueError(f"version {version} has no report page (published before pages were written)")
+    data = publisher.fs.cat_file(f"{publisher.version_path(version)}/{name}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(data)
+    return path
 
 
 def diff_sid_versions(publisher: Publisher, previous: str, current: str) -> SIDDiff:

@@ -46,3 +46,10 @@ def test_variants_that_share_a_quantizer_share_their_codes(result):
     # sa2crq and its no-SARQ ablation differ only in SID rules: the same quantizer, full-depth IDs differ.
     full, adaptive = result["rows"]["sa2crq-no-sarq"]["tokenizer"], result["rows"]["sa2crq"]["tokenizer"]
     assert full["mean_sid_len_tail"] >= adaptive["mean_sid_len_tail"]
+
+
+def test_the_page_beside_the_json_holds_the_table_and_the_learning_curves(result):
+    page = open(result["page"]).read()
+    assert result["page"].endswith("q.html") and page.startswith("<!DOCTYPE html>")
+    assert page.count("<tr>") == 1 + len(result["rows"])  # the header, then one row per variant
+    assert 'alt="Learning curves" src="data:image/png;base64,' in page

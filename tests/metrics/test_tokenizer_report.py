@@ -52,3 +52,12 @@ def test_human_readable_forms(report):
     assert "tokenizer report: m" in format_report(report)
     table = compare_reports([report, {**report, "method": "other"}])
     assert table.splitlines()[0] == "| metric | m | other |"
+
+
+def test_sid_length_histograms_count_each_segments_items_by_length(report):
+    for name, seg in report["segments"].items():
+        hist = {int(length): items for length, items in seg["sid_length_histogram"].items()}
+        assert sum(hist.values()) == seg["items"], name
+        if seg["items"]:
+            assert sum(length * items for length, items in hist.items()) / seg["items"] == pytest.approx(seg["mean_sid_len"])
+    assert report["segments"]["tail"]["sid_length_histogram"] == {"2": 1, "3": 1}  # (3,3) alone; (0,1) with a digit

@@ -45,6 +45,18 @@ def test_list_and_show(store, capsys):
     assert code == 2
 
 
+def test_show_copies_a_versions_report_page_to_a_local_file(store, tmp_path, capsys):
+    sids = Publisher(f"{store}/sids")
+    without = publish_files(sids, FILES)
+    page = b"<!DOCTYPE html><html><body><img alt='SID length by segment'></body></html>"
+    with_page = publish_files(sids, {**FILES, layout.REPORT_PAGE: page})
+    code, out = versions(capsys, "show", "--root", store, with_page, "--page", str(tmp_path / "pages" / "sids.html"))
+    assert code == 0 and out.splitlines()[-1] == f"report page: {tmp_path / 'pages' / 'sids.html'}"
+    assert (tmp_path / "pages" / "sids.html").read_bytes() == page
+    code, _ = versions(capsys, "show", "--root", store, without, "--page", str(tmp_path / "none.html"))
+    assert code == 2 and not (tmp_path / "none.html").exists()
+
+
 @pytest.mark.timeout(120)
 def test_verify_exits_non_zero_naming_the_damaged_file(store, capsys):
     sids = Publisher(f"{store}/sids")
