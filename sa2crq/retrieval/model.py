@@ -21,9 +21,9 @@ LIGER does); the item scorer combines it with the SID's beam log-probability.
 
 Architecture (T5 v1.1-like): pre-norm RMSNorm, attention with inner width ``num_heads * head_dim``
 projected back to ``d_model``, bucketed relative position bias (bidirectional buckets in the
-encoder, within its item-causal mask; causal in decoder self-attention, one bias table per stack shared by its layers, none in
-cross-attention), ReLU feed-forward, dropout, separate encoder/decoder embeddings and an untied
-output layer.
+encoder, within its item-causal mask; causal in decoder self-attention; one bias table per stack
+shared by its layers, none in cross-attention), ReLU feed-forward, dropout, separate
+encoder/decoder embeddings and an untied output layer.
 
 Token conventions (shared with :mod:`sa2crq.ids.trie`): PAD = 0, EOS = 1. PAD in the encoder input
 is padding (masked out; the encoder packs it to the right). PAD is also the decoder start token, as in T5: for a

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from sa2crq import distributed
-from sa2crq.progress import Progress
 from sa2crq.ids.trie import PAD
+from sa2crq.progress import Progress
 from sa2crq.retrieval.data import Requests, user_token
 from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, mixed_precision
 
