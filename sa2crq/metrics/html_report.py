@@ -97,7 +97,7 @@ def sid_version_page(report: dict[str, Any], title: str) -> str:
         for name, seg in stats["segments"].items()
     ]
     body = [
-        _table(["", ""], summary),
+        _table(None, summary),
         _table(["segment", "items", "mean SID length", "collision rate"], segment_rows),
         *(_img(alt, png) for alt, png in figures),
     ]
@@ -131,7 +131,7 @@ def retriever_page(report: dict[str, Any], title: str) -> str:
         ("training examples / s", _num(history.get("examples_per_second"), 0)),
         ("tuned scorer", json.dumps(report.get("scorer"))),
     ]
-    return _page(title, [_table(["", ""], summary), _img("Learning curve", _png(fig))])
+    return _page(title, [_table(None, summary), _img("Learning curve", _png(fig))])
 
 
 def evaluation_page(report: dict[str, Any], title: str) -> str:
@@ -164,7 +164,7 @@ def evaluation_page(report: dict[str, Any], title: str) -> str:
     rows = [[s, f"{values[s]['requests']:,}", *(_num(values[s][n], 4) for n in names)] for s in segments]
     summary = [(key, str(report.get(key))) for key in ("retriever_version", "sid_version")]
     summary += [(key, _num(metrics.get(key), 4)) for key in ("hallucination", "constrained_invalid")]
-    return _page(title, [_table(["", ""], summary), _table(["segment", "requests", *names], rows), *(_img(a, p) for a, p in figures)])
+    return _page(title, [_table(None, summary), _table(["segment", "requests", *names], rows), *(_img(a, p) for a, p in figures)])
 
 
 def quality_page(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str], curves_png: bytes | None) -> str:
@@ -198,10 +198,11 @@ def _img(alt: str, png: bytes) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
+    """A table; without ``header`` a list of name / value rows."""
+    head = "" if header is None else "<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr></thead>"
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def _num(value: Any, digits: int) -> str:
