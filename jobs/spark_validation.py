@@ -22,6 +22,7 @@ from sa2crq.data.validation import (
     EMBEDDING_COLUMN,
     INTERACTION_REJECT_REASONS,
     ITEM_REJECT_REASONS,
+    MAX_EMBEDDING_VALUE,
     MIN_EMBEDDING_NORM,
     REJECT_REASON_COLUMN,
     InputError,
@@ -59,7 +60,8 @@ def validate_items(items: DataFrame, *, max_reject_fraction: float) -> SparkVali
         mode = lengths.orderBy(F.col("count").desc(), F.col("n").asc()).first()
         dim = mode["n"] if mode is not None else 0
         wrong = present & (F.size(emb) != dim)
-        non_finite = present & ~wrong & F.exists(emb, lambda x: x.isNull() | F.isnan(x) | (F.abs(x) == float("inf")))
+        # Beyond float32's range counts as non-finite: a float64 input becomes inf when stored as float32.
+        non_finite = present & ~wrong & F.exists(emb, lambda x: x.isNull() | F.isnan(x) | (F.abs(x) > MAX_EMBEDDING_VALUE))
         norm = F.sqrt(F.aggregate(emb, F.lit(0.0).cast("double"), lambda acc, x: acc + x.cast("double") * x.cast("double")))
         rules |= {
             "embedding_wrong_dimension": wrong,

@@ -29,7 +29,8 @@ Items, in this order:
     a non-null ``embedding`` whose length differs from ``embedding_dim`` (default: the most common
     length among the non-null embeddings, the smaller on a tie).
 ``embedding_non_finite``
-    the embedding holds NaN, ±inf or a null element.
+    the embedding holds NaN, ±inf, a null element, or a finite value beyond float32's range
+    (``MAX_EMBEDDING_VALUE``): embeddings are stored and used as float32, where it would be inf.
 ``embedding_zero_norm``
     the embedding's L2 norm is at most 1e-12 (``MIN_EMBEDDING_NORM``), too small to normalise: torch's
     ``F.normalize`` clamps norms at that value, so such a vector would not come out unit length.
@@ -80,6 +81,7 @@ __all__ = [
     "INTERACTION_REJECT_REASONS",
     "ITEM_REJECT_REASONS",
     "InputError",
+    "MAX_EMBEDDING_VALUE",
     "MIN_EMBEDDING_NORM",
     "REJECTED_INTERACTIONS_FILE",
     "REJECTED_ITEMS_FILE",
@@ -102,6 +104,7 @@ DEFAULT_TEXT_COLUMNS: tuple[str, ...] = ("title", "categories", "description")
 EMBEDDING_COLUMN = "embedding"
 REJECT_REASON_COLUMN = "reject_reason"
 MIN_EMBEDDING_NORM = 1e-12
+MAX_EMBEDDING_VALUE = float(np.finfo(np.float32).max)
 
 # Rule names in priority order: a row breaking several rules is reported under the first.
 ITEM_REJECT_REASONS: tuple[str, ...] = (
@@ -523,7 +526,7 @@ def _embedding_checks(column: pa.ChunkedArray, embedding_dim: int | None) -> _Em
     wrong_dimension = present & (lengths != embedding_dim)
 
     row = np.repeat(np.arange(n), lengths)
-    bad = ~np.isfinite(values)
+    bad = ~(np.abs(values) <= MAX_EMBEDDING_VALUE)  # NaN compares False: it is bad too
     with np.errstate(over="ignore"):  # a huge but finite value may square to inf; that is not a zero norm
         squares = np.where(bad, 0.0, values * values)
     non_finite = present & ~wrong_dimension & (np.bincount(row, weights=bad, minlength=n) > 0)

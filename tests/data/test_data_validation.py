@@ -113,6 +113,7 @@ def test_valid_embedding_needs_no_text() -> None:
         ([1.0, math.inf, 0.0, 0.0], "embedding_non_finite"),
         ([-math.inf, 0.0, 0.0, 0.0], "embedding_non_finite"),
         ([1.0, None, 0.0, 0.0], "embedding_non_finite"),
+        ([1e39, 0.0, 0.0, 0.0], "embedding_non_finite"),  # finite in float64, inf as float32
         ([0.0, 0.0, 0.0, 0.0], "embedding_zero_norm"),
         ([1e-20, 0.0, 0.0, 0.0], "embedding_zero_norm"),
         ([1.0, 2.0, 3.0], "embedding_wrong_dimension"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -42,6 +43,19 @@ def _interactions() -> pa.Table:
 
 def _by_reason(table: pa.Table, keys: list[str]) -> set[tuple]:
     return {tuple(row[k] for k in [*keys, "reject_reason"]) for row in table.to_pylist()}
+
+
+def test_float64_embeddings_beyond_float32_are_non_finite_in_spark_as_in_the_library(spark, tmp_path):
+    big = float(np.finfo(np.float32).max)
+    items = pa.table({
+        "item_id": pa.array([1, 2, 3, 4], pa.int64()),
+        "embedding": pa.array([[0.6, 0.8], [1e39, 0.0], [big, 0.0], [-1e300, 1.0]], pa.list_(pa.float64())),
+    })  # fmt: skip
+    pq.write_table(items, tmp_path / "items.parquet")
+    expected = validate_items(items)
+    got = spark_validation.validate_items(spark.read.parquet(str(tmp_path / "items.parquet")), max_reject_fraction=1.0)
+    rejects = pa.Table.from_pylist([r.asDict() for r in got.rejects.select("item_id", "reject_reason").collect()])
+    assert _by_reason(rejects, ["item_id"]) == _by_reason(expected.rejects, ["item_id"]) == {(2, "embedding_non_finite"), (4, "embedding_non_finite")}
 
 
 def test_spark_and_library_reject_the_same_rows_for_the_same_reasons(spark, tmp_path):
