@@ -11,6 +11,7 @@ effective config as YAML with each value's source.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -259,6 +260,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+@functools.cache
 def _yaml_loader() -> type:
     """PyYAML's safe loader, reading ``2e-3`` as a float: YAML 1.1 wants a dot in a float (``2.0e-3``)
     and would hand a learning rate over as a string; YAML 1.2, JSON and people write ``2e-3``."""

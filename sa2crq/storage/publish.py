@@ -100,7 +100,9 @@ class Publisher:
 
     def manifest(self, version: str) -> Manifest:
         """The manifest of a published version."""
-        if version not in self.versions():
+        # A version a commit already read names is published for good (commits never change): only
+        # an unknown one costs a listing of the log.
+        if version not in {c.version for c in self._commits.values()} and version not in self.versions():
             raise FileNotFoundError(f"version {version} is not published (no commit names it)")
         return Manifest(**json.loads(self.fs.cat_file(f"{self.version_path(version)}/{MANIFEST}")))
 
