@@ -5,8 +5,8 @@ most common embedding length, come from aggregations whose results are small (th
 are joined back, the length histogram has one row per distinct length). A row breaking several
 rules gets the first in the library's order, and ``rows_in == rows_out + rejected`` is checked.
 ``tests/jobs/test_spark_validation.py`` checks that both implementations quarantine the same rows
-for the same reasons. Table-level problems (missing columns, wrong types) are checked on the schema
-by the library's own functions before anything runs.
+for the same reasons. Table-level problems (missing columns, wrong types, item ids of different
+types in the two tables) are checked on the schema by the library's own functions before anything runs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -27,6 +27,7 @@ from sa2crq.data.validation import (
     REJECT_REASON_COLUMN,
     InputError,
     check_interactions_schema,
+    check_item_id_types,
     check_items_schema,
 )
 
@@ -50,6 +51,7 @@ def validate_items(items: DataFrame, *, max_reject_fraction: float) -> SparkVali
     rules = {
         "null_item_id": F.col("item_id").isNull(),
         "duplicate_item_id": F.coalesce(F.col("_duplicate"), F.lit(False)),
+        "invalid_utf8": _invalid_utf8(items),
     }
     present = F.lit(False)
     if has_embedding:
@@ -75,6 +77,8 @@ def validate_items(items: DataFrame, *, max_reject_fraction: float) -> SparkVali
 def validate_interactions(interactions: DataFrame, valid_item_ids: DataFrame, *, max_reject_fraction: float) -> SparkValidated:
     schema = pa.schema([pa.field(f.name, _arrow_type(f.dataType)) for f in interactions.schema.fields])
     check_interactions_schema(schema)
+    # Spark would cast one id type to the other in the join: numeric strings match, others raise mid-job.
+    check_item_id_types(schema.field("item_id").type, _arrow_type(valid_item_ids.schema["item_id"].dataType))
     known = valid_item_ids.select("item_id").distinct().withColumn("_known", F.lit(True))
     marked = interactions.join(known.hint("merge"), "item_id", "left")  # the catalog: never broadcast
     # Copies of one event are identical in these columns, so which copy stays does not matter.
@@ -84,6 +88,7 @@ def validate_interactions(interactions: DataFrame, valid_item_ids: DataFrame, *,
         "null_user_id": F.col("user_id").isNull(),
         "null_item_id": F.col("item_id").isNull(),
         "null_timestamp": F.col("timestamp").isNull(),
+        "invalid_utf8": _invalid_utf8(interactions),
         "unknown_item_id": F.col("_known").isNull(),
         "duplicate_interaction": F.col("_copy") > 1,
     }
@@ -111,6 +116,15 @@ def _quarantine(name: str, frame: DataFrame, reasons: tuple[str, ...], rules: di
     valid = tagged.filter(F.col(REJECT_REASON_COLUMN).isNull()).drop(REJECT_REASON_COLUMN)
     rejects = tagged.filter(F.col(REJECT_REASON_COLUMN).isNotNull())
     return SparkValidated(valid, rejects, counts)
+
+
+def _invalid_utf8(frame: DataFrame) -> Column:
+    """True where any string column's value is not valid UTF-8 (Spark reads parquet strings unchecked)."""
+    invalid = F.lit(False)
+    for field in frame.schema.fields:
+        if isinstance(field.dataType, T.StringType):
+            invalid = invalid | ~F.coalesce(F.is_valid_utf8(F.col(field.name)), F.lit(True))
+    return invalid
 
 
 def _arrow_type(dtype: T.DataType) -> pa.DataType:

@@ -26,6 +26,7 @@ from sa2crq.data.validation import (
     ValidatedCatalog,
     check_embedding_mix,
     check_items_schema,
+    readable_rows,
     validate_catalog,
     write_catalog_rejects,
 )
@@ -43,6 +44,7 @@ _OFFENDING_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
     "items": {
         "null_item_id": (_TEXT,),  # the id is the offence; the text says which row it is
         "duplicate_item_id": (_TEXT,),
+        "invalid_utf8": (_TEXT,),  # shown as bytes where they do not decode
         "embedding_wrong_dimension": (EMBEDDING_COLUMN,),
         "embedding_non_finite": (EMBEDDING_COLUMN,),
         "embedding_zero_norm": (EMBEDDING_COLUMN,),
@@ -52,6 +54,7 @@ _OFFENDING_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
         "null_user_id": ("timestamp",),
         "null_item_id": ("timestamp",),
         "null_timestamp": ("timestamp",),
+        "invalid_utf8": ("timestamp",),
         "unknown_item_id": ("timestamp",),
         "duplicate_interaction": ("timestamp",),
     },
@@ -162,7 +165,7 @@ def _examples(name: str, rejects: pa.Table, per_reason: int, text_columns: list[
             if column in rejects.column_names
         ]
         rows = rejects.filter(pc.equal(rejects[REJECT_REASON_COLUMN], reason)).slice(0, per_reason)
-        shown = rows.select([*REJECT_KEY_COLUMNS[name], *offending]).to_pylist()
+        shown = readable_rows(rows.select([*REJECT_KEY_COLUMNS[name], *offending]))
         examples[reason] = [{column: _show(value) for column, value in row.items()} for row in shown]
     return dict(sorted(examples.items()))
 

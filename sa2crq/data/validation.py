@@ -25,6 +25,10 @@ Items, in this order:
 ``duplicate_item_id``
     the id occurs more than once. *Every* row with that id is rejected: there is no way to know which
     copy is right, and keeping the first would make the result depend on file order.
+``invalid_utf8``
+    a string column (an id, a text column or any other) holds bytes that are not valid UTF-8. Parquet
+    does not check what a writer declared as string, and every reader that decodes the value would
+    fail on it, far from the row.
 ``embedding_wrong_dimension``
     a non-null ``embedding`` whose length differs from ``embedding_dim`` (default: the most common
     length among the non-null embeddings, the smaller on a tie).
@@ -41,7 +45,8 @@ Items, in this order:
 A broken embedding rejects the row even when the row also has text: a broken vector means its producer
 is broken, and quietly re-embedding from text would hide that.
 
-Interactions, in this order: ``null_user_id``, ``null_item_id``, ``null_timestamp``, ``unknown_item_id``
+Interactions, in this order: ``null_user_id``, ``null_item_id``, ``null_timestamp``, ``invalid_utf8`` (as for
+items), ``unknown_item_id``
 (the item is not among ``known_item_ids``, typically the ids that survived :func:`validate_items`),
 ``duplicate_interaction`` (the same ``user_id``, ``item_id`` and ``timestamp`` as an earlier row: a
 re-sent partition would otherwise count its events twice in popularity; the first copy is kept).
@@ -58,7 +63,8 @@ stops at the first refusal; a dry run (``sa2crq validate``) collects every table
 Valid rows are returned unchanged (same columns, types and order). For every result,
 ``rows_in == rows_out + rejected``.
 
-All checks are vectorised (pyarrow.compute over columns, numpy over flattened embedding values).
+All checks are vectorised (pyarrow.compute over columns, numpy over flattened embedding values); only a
+string column that fails Arrow's UTF-8 validation is decoded value by value, to find its broken rows.
 """
 
 from __future__ import annotations
@@ -91,8 +97,10 @@ __all__ = [
     "ValidatedCatalog",
     "check_interactions_schema",
     "check_embedding_mix",
+    "check_item_id_types",
     "check_items_schema",
     "check_reject_ceiling",
+    "readable_rows",
     "validate_catalog",
     "validate_interactions",
     "validate_items",
@@ -110,6 +118,7 @@ MAX_EMBEDDING_VALUE = float(np.finfo(np.float32).max)
 ITEM_REJECT_REASONS: tuple[str, ...] = (
     "null_item_id",
     "duplicate_item_id",
+    "invalid_utf8",
     "embedding_wrong_dimension",
     "embedding_non_finite",
     "embedding_zero_norm",
@@ -119,6 +128,7 @@ INTERACTION_REJECT_REASONS: tuple[str, ...] = (
     "null_user_id",
     "null_item_id",
     "null_timestamp",
+    "invalid_utf8",
     "unknown_item_id",
     "duplicate_interaction",
 )
@@ -185,6 +195,7 @@ def validate_items(
 
     ids = table["item_id"]
     n = table.num_rows
+    invalid_utf8 = _invalid_utf8(table)
     if has_embedding:
         emb = _embedding_checks(table[EMBEDDING_COLUMN], embedding_dim)
     else:
@@ -193,10 +204,11 @@ def validate_items(
     rules = {
         "null_item_id": _to_bool(pc.is_null(ids)),
         "duplicate_item_id": _duplicated(ids),
+        "invalid_utf8": invalid_utf8,
         "embedding_wrong_dimension": emb.wrong_dimension,
         "embedding_non_finite": emb.non_finite,
         "embedding_zero_norm": emb.zero_norm,
-        "no_text_or_embedding": ~emb.present & ~_has_text(table, text_columns),
+        "no_text_or_embedding": ~emb.present & ~_has_text(table, text_columns, invalid_utf8),
     }
     result = _quarantine(table, ITEM_REJECT_REASONS, rules)
     check_reject_ceiling(name, result, max_reject_fraction)
@@ -221,13 +233,7 @@ def validate_interactions(
 
     known = known_item_ids.combine_chunks() if isinstance(known_item_ids, pa.ChunkedArray) else known_item_ids
     item_type = table.schema.field("item_id").type
-    if not _is_id_type(known.type):
-        raise InputError(f"known_item_ids: type {known.type} breaks rule 'int64 or string'")
-    if pa.types.is_integer(known.type) != pa.types.is_integer(item_type):
-        raise InputError(
-            f"{name}: column 'item_id' has type {item_type} but the items' item_id has type {known.type}: "
-            "both must be integer or both string"
-        )
+    check_item_id_types(item_type, known.type)
 
     ids = table["item_id"]
     in_catalog = pc.is_in(ids, value_set=known.drop_null().cast(item_type))
@@ -242,6 +248,7 @@ def validate_interactions(
         "null_user_id": _to_bool(pc.is_null(table["user_id"])),
         "null_item_id": _to_bool(pc.is_null(ids)),
         "null_timestamp": _to_bool(pc.is_null(table["timestamp"])),
+        "invalid_utf8": _invalid_utf8(table),
         "unknown_item_id": ~_to_bool(in_catalog),
         "duplicate_interaction": repeated,
     }
@@ -347,6 +354,30 @@ def check_interactions_schema(schema: pa.Schema) -> None:
     _require_type(name, schema, "timestamp", _is_timestamp_type, "integer or timestamp")
 
 
+def check_item_id_types(interactions_item_type: pa.DataType, items_item_type: pa.DataType) -> None:
+    """Interactions must name items by the items' id type family (integer or string): nothing is coerced,
+    since a string id cast to a number (or back) joins the wrong item or none. Shared with Spark."""
+    if not _is_id_type(items_item_type):
+        raise InputError(f"known_item_ids: type {items_item_type} breaks rule 'int64 or string'")
+    if pa.types.is_integer(items_item_type) != pa.types.is_integer(interactions_item_type):
+        raise InputError(
+            f"interactions: column 'item_id' has type {interactions_item_type} but the items' item_id has type "
+            f"{items_item_type}: both must be integer or both string"
+        )
+
+
+def readable_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """The rows as Python values for messages; a string that is not valid UTF-8 stays ``bytes``, so that a
+    message shows the offending bytes instead of failing to decode them."""
+    strings = [f.name for f in table.schema if _is_string(f.type)]
+    as_bytes = pa.schema([f.with_type(pa.large_binary()) if f.name in strings else f for f in table.schema])
+    rows = table.cast(as_bytes).to_pylist()
+    for row in rows:
+        for column in strings:
+            row[column] = _decoded(row[column])
+    return rows
+
+
 def write_rejects(validated: Validated, path: PathLike) -> str:
     """Write the rejects table as one parquet file at ``path`` (local or any fsspec URL).
 
@@ -393,7 +424,7 @@ def check_reject_ceiling(name: str, result: Validated, max_reject_fraction: floa
     fraction = counts["rejected"] / counts["rows_in"]
     if fraction <= max_reject_fraction:
         return
-    examples = result.rejects.select([*keys, REJECT_REASON_COLUMN]).slice(0, _MAX_EXAMPLES).to_pylist()
+    examples = readable_rows(result.rejects.select([*keys, REJECT_REASON_COLUMN]).slice(0, _MAX_EXAMPLES))
     shown = "; ".join(
         ", ".join(f"{k}={row[k]!r}" for k in keys) + f": {row[REJECT_REASON_COLUMN]}" for row in examples
     )
@@ -480,13 +511,40 @@ def _duplicated(ids: pa.ChunkedArray) -> np.ndarray:
     return _to_bool(pc.is_in(ids, value_set=repeated))
 
 
-def _has_text(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
-    """True where at least one text column is non-null and non-blank after stripping whitespace."""
+def _decoded(value: bytes | None) -> str | bytes | None:
+    try:
+        return None if value is None else value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
+
+
+def _invalid_utf8(table: pa.Table) -> np.ndarray:
+    """True where any string column's value is not valid UTF-8 (Arrow's string kernels raise on it)."""
+    invalid = np.zeros(table.num_rows, dtype=bool)
+    for field in table.schema:
+        if not _is_string(field.type):
+            continue
+        try:
+            table[field.name].validate(full=True)  # vectorised; the common case ends here
+            continue
+        except pa.ArrowInvalid:
+            pass
+        # Only a column that fails the vectorised check is decoded value by value, to find its rows.
+        values = table[field.name].cast(pa.large_binary()).to_pylist()
+        invalid |= np.fromiter((isinstance(_decoded(v), bytes) for v in values), dtype=bool, count=len(values))
+    return invalid
+
+
+def _has_text(table: pa.Table, columns: Sequence[str], invalid_utf8: np.ndarray) -> np.ndarray:
+    """True where at least one text column is non-null and non-blank after stripping whitespace; rows in
+    ``invalid_utf8`` are quarantined for that and read as having no text (the string kernels would raise)."""
     present = np.zeros(table.num_rows, dtype=bool)
+    skip = pa.array(invalid_utf8)
     for column in columns:
         values = table[column]
         if pa.types.is_null(values.type):
             continue
+        values = pc.if_else(skip, pa.scalar(None, values.type), values)
         nonblank = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0)
         present |= _to_bool(nonblank.fill_null(False))
     return present

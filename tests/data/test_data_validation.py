@@ -20,6 +20,15 @@ from sa2crq.data.validation import (
 )
 
 DIM = 4
+# Each breaks UTF-8 differently: a stray byte, an overlong '/', a UTF-16 surrogate, a cut 3-byte
+# sequence, a code point beyond U+10FFFF.
+INVALID_UTF8 = [b"bad\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xe2\x82", b"\xf4\x90\x80\x80"]
+
+
+def unchecked_strings(values: list[bytes | None]) -> pa.Array:
+    """A string array holding the bytes as given, unchecked. pyarrow writes it to parquet as a string column:
+    how a file declared string comes to hold bytes that are not UTF-8."""
+    return pa.array(values, pa.binary()).view(pa.string())
 
 
 def items_table(embeddings: list[list[float] | None] | None = None, **columns: list) -> pa.Table:
@@ -155,14 +164,35 @@ def test_first_rule_wins() -> None:
 
 def test_every_item_rule_is_exercised_together() -> None:
     table = items_table(
-        [[1] * 4, [1] * 4, None, [1] * 4, [1] * 2, [math.nan, 1, 1, 1], [0] * 4, None, [1] * 4],
-        item_id=[1, None, 3, 3, 5, 6, 7, 8, 9],
-        title=["t", "t", "t", "t", "t", "t", "t", None, None],
-    )
+        [[1] * 4, [1] * 4, None, [1] * 4, [1] * 2, [math.nan, 1, 1, 1], [0] * 4, None, [1] * 4, [1] * 4],
+        item_id=[1, None, 3, 3, 5, 6, 7, 8, 9, 10],
+    ).append_column("title", unchecked_strings([b"t", b"t", b"t", b"t", b"t", b"t", b"t", None, None, b"\xff"]))
     counts = balanced(validate_items(table, embedding_dim=DIM))
     expected = {reason: (2 if reason == "duplicate_item_id" else 1) for reason in ITEM_REJECT_REASONS}
     assert counts["by_reason"] == expected
     assert counts["rows_out"] == 2
+
+
+def test_invalid_utf8_in_any_string_column_quarantines_the_row(tmp_path: Path) -> None:
+    # Read back from parquet, as a run reads its input: the file is declared string, its bytes are not UTF-8.
+    values = [b"ok", b"caf\xc3\xa9 \xf0\x9f\x98\x80", None, *INVALID_UTF8]
+    n = len(values)
+    table = pa.table({"item_id": pa.array(range(n), pa.int64()), "title": unchecked_strings(values),
+                      "brand": unchecked_strings([b"\xff", *[b"b"] * (n - 1)])})  # fmt: skip
+    pq.write_table(table, tmp_path / "items.parquet")
+    result = validate_items(pq.read_table(tmp_path / "items.parquet"))
+    assert reasons_by_id(result) == {0: "invalid_utf8", 2: "no_text_or_embedding"} | {3 + i: "invalid_utf8" for i in range(5)}
+    assert result.valid["title"].to_pylist() == ["caf\u00e9 \U0001f600"]
+    balanced(result)
+
+
+def test_invalid_utf8_ids_and_refusal_examples_show_the_bytes() -> None:
+    table = pa.table({"user_id": unchecked_strings([b"u\xff", b"u"]), "item_id": unchecked_strings([b"a", b"a\xfe"]),
+                      "timestamp": [1, 2]})  # fmt: skip
+    result = validate_interactions(table, known_item_ids=pa.array(["a"]))
+    assert result.rejects["reject_reason"].to_pylist() == ["invalid_utf8", "invalid_utf8"]
+    with pytest.raises(InputError, match=r"user_id=b'u\\xff', item_id='a': invalid_utf8"):
+        validate_interactions(table, known_item_ids=pa.array(["a"]), max_reject_fraction=0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,12 +25,14 @@ from sa2crq.data.validation import (
     validate_items,
 )
 from tests.bench.test_minimal_dependencies import run_blocked
+from tests.data.test_data_validation import unchecked_strings
 from tests.pipeline.test_tokenize_cli import FAST, catalog_tables
 
 DIM = 24
 DUPLICATED_COLD_ID_ROWS = 2  # a duplicated id rejects every copy
 NO_TEXT_ID = 10**9 + 5
 NAN_ID = 10**9 + 2
+BAD_UTF8_ID = 10**9 + 6
 UNKNOWN_ID = 999_999_999
 
 
@@ -44,22 +46,25 @@ def messy_tables(n: int = 300) -> tuple[pa.Table, pa.Table]:
     good = [0.1] * DIM
     bad_items = pa.table(
         {
-            "item_id": pa.array([None, cold_id, 10**9 + 1, NAN_ID, 10**9 + 3, 10**9 + 4, NO_TEXT_ID], pa.int64()),
-            "title": ["orphan", "second copy", "short", "nan", "zero", "", "  \t "],
+            "item_id": pa.array([None, cold_id, 10**9 + 1, NAN_ID, 10**9 + 3, 10**9 + 4, NO_TEXT_ID, BAD_UTF8_ID], pa.int64()),
+            "title": unchecked_strings([b"orphan", b"second copy", b"short", b"nan", b"zero", b"", b"  \t ", b"bad \xff"]),
             "embedding": pa.array(
-                [good, good, [0.1] * 5, [float("nan")] + good[1:], [0.0] * DIM, good, None], pa.list_(pa.float32())
+                [good, good, [0.1] * 5, [float("nan")] + good[1:], [0.0] * DIM, good, None, good], pa.list_(pa.float32())
             ),
         }
     )  # 10**9 + 4 has a blank title but a valid embedding: accepted, an embedding needs no text
     first = interactions.slice(0, 1).to_pylist()[0]
     bad_interactions = pa.table(
         {
-            "user_id": pa.array([None, 1, 2, 3, 4, first["user_id"]], pa.int64()),
+            "user_id": pa.array([None, 1, 2, 3, 4, first["user_id"], 5], pa.int64()),
             # cold_id is quarantined as a duplicate, so an interaction naming it is unknown (the cross-table rule)
-            "item_id": pa.array([first["item_id"], None, first["item_id"], UNKNOWN_ID, cold_id, first["item_id"]], pa.int64()),
-            "timestamp": pa.array([1, 2, None, 4, 5, first["timestamp"]], pa.int64()),
+            "item_id": pa.array([first["item_id"], None, first["item_id"], UNKNOWN_ID, cold_id, first["item_id"], first["item_id"]], pa.int64()),
+            "timestamp": pa.array([1, 2, None, 4, 5, first["timestamp"], 7], pa.int64()),
+            # an extra column, passed through, holding bytes that are not UTF-8 in the last row
+            "source": unchecked_strings([b"app"] * 6 + [b"\xfe"]),
         }
     )
+    interactions = interactions.append_column("source", pa.array(["app"] * interactions.num_rows))
     return pa.concat_tables([items, bad_items]), pa.concat_tables([interactions, bad_interactions])
 
 
@@ -129,6 +134,7 @@ def test_accepted_input_reports_what_the_rules_quarantine(messy, capsys):
     examples = summary["examples"]["items"]
     assert {"item_id": str(NAN_ID), "embedding": "[nan, 0.1, 0.1, 0.1, …] (24 values)"} in examples["embedding_non_finite"]
     assert {"item_id": str(NO_TEXT_ID), "title": repr("  \t "), "embedding": "null"} in examples["no_text_or_embedding"]
+    assert {"item_id": str(BAD_UTF8_ID), "title": "b'bad \\xff'"} in examples["invalid_utf8"]  # the bytes, shown
     assert {"user_id": "3", "item_id": str(UNKNOWN_ID), "timestamp": "4"} in summary["examples"]["interactions"]["unknown_item_id"]
     assert f"item_id={NAN_ID}  embedding=[nan, 0.1, 0.1, 0.1, …] (24 values)" in stdout
 
