@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sa2crq.storage import layout
-from sa2crq.storage.filesystem import read_parquet
 from sa2crq.storage.publish import LATEST, MANIFEST, Commit, Manifest, Publisher, file_sha256
+from sa2crq.storage.published import PublishedVersion
 
 # The meta key under which the SID jobs (recode, ingest) record their table's rows.
 ROW_COUNT_KEY = "items"
@@ -121,19 +121,18 @@ def show_version(publisher: Publisher, version: str) -> VersionDetail:
     report_name = next((name for name in REPORT_NAMES if name in manifest.files), None)
     report = None
     if report_name is not None:
-        report = json.loads(publisher.fs.cat_file(f"{publisher.version_path(version)}/{report_name}"))
+        report = PublishedVersion(publisher.version_url(version), version, manifest.files).read_json(report_name)
     return VersionDetail(_summary(commit, manifest, latest=commit is history[-1]), manifest, parts, report_name, report)
 
 
 def save_report_page(publisher: Publisher, version: str, path: str) -> str:
     """Copy a published version's report page (``report.html`` / ``train_report.html``) to a local
     ``path`` to open in a browser (an object store's files cannot be opened there)."""
-    version = published_version(publisher, version)
-    listed = publisher.manifest(version).files
-    name = next((name for name in REPORT_PAGES if name in listed), None)
+    files = PublishedVersion.open(publisher, published_version(publisher, version))
+    name = next((name for name in REPORT_PAGES if name in files.files), None)
     if name is None:
-        raise ValueError(f"version {version} has no report page (published before pages were written)")
-    data = publisher.fs.cat_file(f"{publisher.version_path(version)}/{name}")
+        raise ValueError(f"version {files.version} has no report page (published before pages were written)")
+    data = files.read_bytes(name)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(data)
     return path
@@ -144,7 +143,7 @@ def diff_sid_versions(publisher: Publisher, previous: str, current: str) -> SIDD
     from sa2crq.ids.stability import sid_churn
 
     previous, current = published_version(publisher, previous), published_version(publisher, current)
-    old, new = (read_parquet(f"{publisher.version_url(v)}/{layout.SID_TABLE}", columns=["item_id", "sid"]) for v in (previous, current))
+    old, new = (PublishedVersion.open(publisher, v).read_parquet(layout.SID_TABLE, columns=["item_id", "sid"]) for v in (previous, current))
     counts, remap = sid_churn(old, new)
     changed = remap.filter(pc.equal(remap.column("change"), "changed"))
     growth = (pc.list_value_length(changed.column("new_sid")).to_numpy(zero_copy_only=False)
