@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from sa2crq.storage.filesystem import resolve_filesystem
 from sa2crq.storage.publish import Publisher, stream_sha256
@@ -29,15 +30,16 @@ PARQUET_SUFFIX = ".parquet"
 class ManifestMismatchError(RuntimeError):
     """A file of a published version is missing, or differs from what its manifest records."""
 
-    def __init__(self, version: str, path: str, expected: str, found: str) -> None:
-        self.version, self.path, self.expected, self.found = version, path, expected, found
+    def __init__(self, version: str, path: str, kind: str, expected: str, found: str) -> None:
+        # kind: "missing", "size" or "sha256"
+        self.version, self.path, self.kind, self.expected, self.found = version, path, kind, expected, found
         super().__init__(
             f"published version {version}: {path} does not match its manifest: expected {expected}, found {found} "
             f"(a published version never changes; `sa2crq versions verify {version}` checks all of its files)"
         )
 
     def __reduce__(self):  # rebuilt from its fields when it crosses processes (Ray actors, Train workers)
-        return type(self), (self.version, self.path, self.expected, self.found)
+        return type(self), (self.version, self.path, self.kind, self.expected, self.found)
 
 
 class PublishedVersion:
@@ -104,14 +106,26 @@ class PublishedVersion:
         """URLs of ``part``'s listed parquet files, each checked first, for an engine that reads
         them itself (Spark): give it exactly these, never the directory. Checking is a read of its
         own here, the one place a file is read twice."""
-        urls = []
-        for path in self.parquet_files(part):
-            if path not in self._checked:
-                with self._open(path) as f:
-                    size, digest = stream_sha256(f)
-                self._check(path, size, lambda: digest)
-            urls.append(self.file_url(path))
-        return urls
+        paths = self.parquet_files(part)
+        for path in paths:
+            self.check(path)
+        return [self.file_url(path) for path in paths]
+
+    def check(self, path: str) -> None:
+        """Check one listed file against the manifest without keeping its bytes (a file of another
+        size is not hashed); raise :class:`ManifestMismatchError` if it differs."""
+        if path in self._checked:
+            return
+        recorded = self._recorded(path)
+        fs, inner = self._filesystem()
+        info = fs.get_file_info(f"{inner}/{path}")
+        if info.type == pafs.FileType.NotFound:
+            raise ManifestMismatchError(self.version, path, "missing", f"{recorded['size']:,} bytes", "no such file")
+        if info.size != recorded["size"]:
+            raise ManifestMismatchError(self.version, path, "size", f"{recorded['size']:,} bytes", f"{info.size:,} bytes")
+        with self._open(path) as f:
+            size, digest = stream_sha256(f)
+        self._check(path, size, lambda: digest)
 
     def copy(self, part: str, destination: str) -> None:
         """Copy ``part``'s listed files (checked; markers starting with ``_`` or ``.`` left out) to the
@@ -135,7 +149,7 @@ class PublishedVersion:
         try:
             return fs.open_input_stream(f"{inner}/{path}")
         except FileNotFoundError:
-            raise ManifestMismatchError(self.version, path, f"{recorded['size']:,} bytes", "no such file") from None
+            raise ManifestMismatchError(self.version, path, "missing", f"{recorded['size']:,} bytes", "no such file") from None
 
     def _recorded(self, path: str) -> dict[str, Any]:
         if path not in self.files:
@@ -148,10 +162,10 @@ class PublishedVersion:
             return
         recorded = self._recorded(path)
         if size != recorded["size"]:
-            raise ManifestMismatchError(self.version, path, f"{recorded['size']:,} bytes", f"{size:,} bytes")
+            raise ManifestMismatchError(self.version, path, "size", f"{recorded['size']:,} bytes", f"{size:,} bytes")
         digest = sha256()
         if digest != recorded["sha256"]:
-            raise ManifestMismatchError(self.version, path, f"sha256 {recorded['sha256']}", f"sha256 {digest} (same size)")
+            raise ManifestMismatchError(self.version, path, "sha256", f"sha256 {recorded['sha256']}", f"sha256 {digest} (same size)")
         self._checked.add(path)
 
     def _filesystem(self):

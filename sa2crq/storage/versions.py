@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sa2crq.storage import layout
-from sa2crq.storage.publish import LATEST, MANIFEST, Commit, Manifest, Publisher, file_sha256
-from sa2crq.storage.published import PublishedVersion
+from sa2crq.storage.publish import LATEST, MANIFEST, Commit, Manifest, Publisher
+from sa2crq.storage.published import ManifestMismatchError, PublishedVersion
 
 # The meta key under which the SID jobs (recode, ingest) record their table's rows.
 ROW_COUNT_KEY = "items"
@@ -152,8 +152,8 @@ def diff_sid_versions(publisher: Publisher, previous: str, current: str) -> SIDD
 
 
 def verify_version(publisher: Publisher, version: str) -> VersionCheck:
-    """Every file the manifest lists exists with its recorded size and sha256, and nothing else is in
-    the version's directory. Sizes come from one listing; a file of the right size is then hashed."""
+    """Every file the manifest lists exists with its recorded size and sha256 (checked as a job's
+    reader checks it, :meth:`PublishedVersion.check`), and nothing else is in the version's directory."""
     version = published_version(publisher, version)
     base = publisher.version_path(version)
     try:
@@ -166,17 +166,12 @@ def verify_version(publisher: Publisher, version: str) -> VersionCheck:
     found = {path[len(base) + 1 :]: info for path, info in listing.items()}
     found.pop(MANIFEST, None)
     problems = []
-    for relative, recorded in sorted(manifest.files.items()):
-        if relative not in found:
-            problems.append(FileProblem(relative, "missing", f"listed ({recorded['size']:,} bytes) but not found"))
-            continue
-        size = int(found[relative]["size"])
-        if size != recorded["size"]:  # a different size needs no hash to tell
-            problems.append(FileProblem(relative, "size", f"{size:,} bytes, the manifest records {recorded['size']:,}"))
-            continue
-        digest = file_sha256(publisher.fs, f"{base}/{relative}")
-        if digest != recorded["sha256"]:
-            problems.append(FileProblem(relative, "sha256", f"sha256 {digest[:12]}..., the manifest records {recorded['sha256'][:12]}... (same size)"))
+    files = PublishedVersion(publisher.version_url(version), version, manifest.files)
+    for relative in sorted(manifest.files):
+        try:
+            files.check(relative)
+        except ManifestMismatchError as err:
+            problems.append(FileProblem(relative, err.kind, f"the manifest records {err.expected}, found {err.found}"))
     for relative in sorted(found.keys() - manifest.files.keys()):
         problems.append(FileProblem(relative, "unlisted", f"present ({int(found[relative]['size']):,} bytes) but not in the manifest"))
     return VersionCheck(version, len(manifest.files), tuple(problems))

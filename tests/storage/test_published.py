@@ -61,7 +61,10 @@ def test_an_untouched_version_reads_its_listed_files(published):
     assert pickle.loads(pickle.dumps(files)).read_parquet(layout.SID_TABLE).num_rows == 3
 
 
-@pytest.mark.parametrize("change", ["same size", "other size", "deleted"])
+KINDS = {"same size": "sha256", "other size": "size", "deleted": "missing"}
+
+
+@pytest.mark.parametrize("change", list(KINDS))
 def test_a_file_changed_after_publish_is_an_error_naming_version_file_and_both_values(published, change):
     publisher, version = published
     url = f"{publisher.version_url(version)}/{SECOND}"
@@ -80,7 +83,7 @@ def test_a_file_changed_after_publish_is_an_error_naming_version_file_and_both_v
     for read in (lambda f: f.read_parquet(layout.SID_TABLE), lambda f: f.checked_urls(layout.SID_TABLE)):
         with pytest.raises(ManifestMismatchError, match=message) as raised:
             read(PublishedVersion.open(publisher, version))
-        assert (raised.value.version, raised.value.path) == (version, SECOND)
+        assert (raised.value.version, raised.value.path, raised.value.kind) == (version, SECOND, KINDS[change])
     # The error survives the trip back from a Ray worker.
     assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)
 
