@@ -34,9 +34,10 @@ from sa2crq.retrieval.data import synthetic_queries
 from sa2crq.ids.sid_table import assign_sids
 from sa2crq.retrieval.serving import VersionMismatchError, load_catalog_view
 from sa2crq.storage import layout
+from sa2crq.storage.checkpoint import TENSORS_FILE
 from sa2crq.storage.filesystem import read_parquet
 from sa2crq.storage.publish import Publisher
-from sa2crq.storage.published import PublishedVersion
+from sa2crq.storage.published import ManifestMismatchError, PublishedVersion
 
 from conftest import make_catalog
 
@@ -250,6 +251,16 @@ def test_ingest_keeps_published_sids_and_a_rerun_changes_nothing(tmp_path):
     batch = str(tmp_path / "batch.parquet")
     pq.write_table(_new_items(10_000, 30, seed=11), batch)
     config = load_job_config("ingest", None, _assign({"items": batch}))
+    # A file of the parent changed after its commit: ingest stops, naming it, and publishes nothing.
+    tensors = f"{publisher.version_path(parent)}/{layout.TOKENIZER}/{TENSORS_FILE}"
+    original = publisher.fs.cat_file(tensors)
+    publisher.fs.pipe_file(tensors, original + b"changed")
+    try:
+        with pytest.raises(ManifestMismatchError, match=f"{parent}: {layout.TOKENIZER}/{TENSORS_FILE} does not match its manifest"):
+            run_ingest(config)
+    finally:
+        publisher.fs.pipe_file(tensors, original)
+    assert publisher.latest() == parent
     done = run_ingest(config)
     assert done.published and publisher.manifest(done.version).parent == parent
     before, after = _sid_table(parent), _sid_table(done.version)
