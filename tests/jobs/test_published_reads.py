@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from jobs.cli import VERIFY_FAILED, main
 from jobs.config import SparkConfig, load_job_config
 from jobs.engines import SparkStaging
 from jobs.evaluate import run_evaluate
@@ -75,11 +76,11 @@ def store(tmp_path):
                         "timestamp": np.full(USERS, 9)})  # fmt: skip
     write_parquet(history, str(tmp_path / "history.parquet"))
     write_parquet(targets, str(tmp_path / "targets.parquet"))
-    config = load_job_config("evaluate", None, [f"{key}={json.dumps(value)}" for key, value in {
+    assignments = [f"{key}={json.dumps(value)}" for key, value in {
         "storage.root": str(root), "history": str(tmp_path / "history.parquet"), "targets": str(tmp_path / "targets.parquet"),
         "generation.beam_width": 4, "hallucination_requests": 4, "out": str(tmp_path / "evaluation.json"),
-    }.items()])  # fmt: skip
-    return root, sid_version, config
+    }.items()]  # fmt: skip
+    return root, sid_version, load_job_config("evaluate", None, assignments), assignments
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -87,7 +88,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_evaluate_reads_only_the_files_the_manifests_list(store):
-    root, sid_version, config = store
+    root, sid_version, config, _ = store
     version_dir = root / "sids" / "versions" / sid_version
     # Added after publishing: an item the targets name, and a second copy of the trie's nodes (read,
     # it would fail the trie's own checks).
@@ -101,8 +102,8 @@ def test_evaluate_reads_only_the_files_the_manifests_list(store):
 
 @pytest.mark.parametrize("changed", [f"sids/{layout.EMBEDDINGS}/part-0.parquet", f"sids/{layout.TRIE}/trie.json",
                                      f"retrievers/{layout.RETRIEVER}/model.safetensors"])  # fmt: skip
-def test_evaluate_fails_naming_a_file_changed_after_publish_and_leaves_the_store_as_it_was(store, changed):
-    root, sid_version, config = store
+def test_evaluate_fails_naming_a_file_changed_after_publish_and_leaves_the_store_as_it_was(store, changed, capsys):
+    root, _, config, assignments = store
     kind, relative = changed.split("/", 1)
     version = Publisher(str(root / kind)).latest()
     path = root / kind / "versions" / version / relative
@@ -111,8 +112,12 @@ def test_evaluate_fails_naming_a_file_changed_after_publish_and_leaves_the_store
     path.write_bytes(bytes(data))
     before = _files(root)
 
-    with pytest.raises(ManifestMismatchError, match=f"published version {version}: {relative} does not match its manifest: expected sha256"):
+    message = f"published version {version}: {relative} does not match its manifest: expected sha256"
+    with pytest.raises(ManifestMismatchError, match=message):
         run_evaluate(config)
+    # The command line prints it, without a traceback, and exits 4 as `sa2crq versions verify` does.
+    assert main(["evaluate", *(arg for a in assignments for arg in ("--set", a))]) == VERIFY_FAILED
+    assert capsys.readouterr().err.startswith(f"error: {message}")
     assert _files(root) == before  # nothing published, nothing repaired or removed
     assert not Path(config.out).exists()
 
