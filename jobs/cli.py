@@ -134,6 +134,7 @@ QUIET_LOGGERS = ("py4j", "ray.data")
 def _run_job(args: argparse.Namespace) -> int:
     from jobs.recode import ChurnLimitExceeded
     from sa2crq.retrieval.serving import VersionMismatchError
+    from sa2crq.storage.published import ManifestMismatchError
 
     if args.log_level != "DEBUG":
         for name in QUIET_LOGGERS:
@@ -150,6 +151,9 @@ def _run_job(args: argparse.Namespace) -> int:
     except (ChurnLimitExceeded, VersionMismatchError) as refused:
         print(f"refused: {refused}", file=sys.stderr)
         return REFUSED
+    except ManifestMismatchError as damaged:  # a published file changed after its commit: nothing was published
+        print(f"error: {damaged}", file=sys.stderr)
+        return VERIFY_FAILED
     print(summary.format())
     if args.summary_json is not None:
         args.summary_json.write_text(summary.to_json())

@@ -24,6 +24,8 @@ from sa2crq.storage.filesystem import resolve_filesystem
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
+    from sa2crq.storage.published import PublishedVersion
+
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +97,15 @@ class SparkStaging:
 
     def read(self, spark: "SparkSession", url: str) -> "DataFrame":
         return spark.read.parquet(self._readable(url))
+
+    def read_published(self, spark: "SparkSession", version: "PublishedVersion", part: str) -> "DataFrame":
+        """A part of a published version: exactly its listed parquet files, each checked against the
+        manifest (copied down through the check, or checked before Spark reads them where it reaches them)."""
+        if self._spark_reaches(version.url):
+            return spark.read.parquet(*(_spark_url(url) for url in version.checked_urls(part)))
+        local = self._local_dir()
+        version.copy(part, str(local))
+        return spark.read.parquet(str(local))
 
     def write(self, frame: "DataFrame", url: str) -> None:
         if self._spark_reaches(url):

@@ -22,9 +22,9 @@ from sa2crq.metrics.html_report import evaluation_page
 from sa2crq.metrics.retrieval import RetrievalAccumulator
 from sa2crq.retrieval.data import BY_USER_TIME, Sequences, evaluation_requests, on_catalog
 from sa2crq.retrieval.serving import load_server
-from sa2crq.storage import layout
 from sa2crq.storage.filesystem import read_parquet
 from sa2crq.storage.publish import Publisher
+from sa2crq.storage.published import PublishedVersion
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,7 @@ def run_evaluate(config: EvaluateConfig) -> JobSummary:
         retrievers, sids = Publisher(storage.retrievers), Publisher(storage.sids)
         retriever_version = resolve_version(retrievers, config.retriever_version, "retriever", hint="run `sa2crq train-retriever` first")
         sid_version = config.sid_version or retrievers.manifest(retriever_version).meta["sid_version"]
-        server = load_server(
-            sids.version_url(sid_version), sid_version, f"{retrievers.version_url(retriever_version)}/{layout.RETRIEVER}", config.generation
-        )
+        server = load_server(PublishedVersion.open(sids, sid_version), PublishedVersion.open(retrievers, retriever_version), config.generation)
         index = server.catalog.index
         catalog_ids = pa.array(index.item_ids)
         history, history_off = on_catalog(read_parquet(config.history), catalog_ids)

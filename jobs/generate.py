@@ -21,9 +21,9 @@ from jobs.object_store import object_store
 from jobs.publishing import read_json, resolve_version, write_json
 from jobs.summary import JobSummary
 from sa2crq.retrieval.serving import VersionMismatchError
-from sa2crq.storage import layout
 from sa2crq.storage.filesystem import resolve_filesystem
 from sa2crq.storage.publish import Publisher
+from sa2crq.storage.published import PublishedVersion
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,8 @@ def run_generate(config: GenerateConfig) -> JobSummary:
         result = map_shards(
             config.requests, f"{out}/{PARTS}", generate_stage,
             {
-                "sid_version_url": sids.version_url(sid_version), "sid_version": sid_version,
-                "retriever_url": f"{retrievers.version_url(retriever_version)}/{layout.RETRIEVER}",
-                "retriever_version": retriever_version, "generation": config.generation.to_dict(),
+                "sids": PublishedVersion.open(sids, sid_version), "retriever": PublishedVersion.open(retrievers, retriever_version),
+                "generation": config.generation.to_dict(),
                 "request_kind": config.request_kind, "cache_dir": config.embedding_cache,
             },
             desc="generate", **config.ray.actor_pool,

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.config import IngestConfig
-from jobs.engines import SparkStaging, copy_tree, ray_runtime, remove_tree, spark_session
+from jobs.engines import SparkStaging, ray_runtime, remove_tree, spark_session
 from jobs.object_store import object_store
 from jobs.publishing import resolve_version, write_json
 from jobs.summary import JobSummary
@@ -32,6 +32,7 @@ from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.storage import layout
 from sa2crq.storage.filesystem import read_parquet, write_parquet
 from sa2crq.storage.publish import ConcurrentPublishError, Publisher
+from sa2crq.storage.published import PublishedVersion
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,14 @@ def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publi
     from ray_workers.shards import map_shards
     from ray_workers.stages import embed_stage, encode_stage
 
-    parent_url, url = publisher.version_url(parent), publisher.version_url(version)
+    # Everything read from the parent goes through its manifest: only listed files, each checked.
+    parent_files, url = PublishedVersion.open(publisher, parent), publisher.version_url(version)
     work = f"{url}/{layout.WORK}"
     summary = JobSummary("ingest", version)
 
     # The batch (intra-day, not catalog-sized) is validated in this process; the published table stays in Spark.
     items = validate_items(read_parquet(config.items), max_reject_fraction=config.max_reject_fraction)
-    published = staging.read(spark, f"{parent_url}/{layout.SID_TABLE}")
+    published = staging.read_published(spark, parent_files, layout.SID_TABLE)
     batch_ids = spark.createDataFrame(items.valid.select(["item_id"]).to_pandas(), schema=published.select("item_id").schema)
     already_ids = published.select("item_id").join(batch_ids, "item_id").toArrow().column("item_id").combine_chunks()
     id_type = items.valid.schema.field("item_id").type
@@ -94,10 +96,10 @@ def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publi
     # Named by version: the embedding file it becomes sits beside the parent's in the new version.
     write_parquet(work_items, f"{work}/items/{version}.parquet")
     pool = config.ray.actor_pool
-    copy_tree(f"{parent_url}/{layout.TOKENIZER}", f"{url}/{layout.TOKENIZER}")
+    parent_files.copy(layout.TOKENIZER, f"{url}/{layout.TOKENIZER}")
     map_shards(f"{work}/items", f"{url}/{layout.EMBEDDINGS}", embed_stage, {"cache_dir": config.embedding_cache}, desc="embed", **pool)
     map_shards(f"{url}/{layout.EMBEDDINGS}", f"{work}/codes", encode_stage, {"tokenizer_url": f"{url}/{layout.TOKENIZER}"}, desc="encode", **pool)
-    copy_tree(f"{parent_url}/{layout.EMBEDDINGS}", f"{url}/{layout.EMBEDDINGS}")
+    parent_files.copy(layout.EMBEDDINGS, f"{url}/{layout.EMBEDDINGS}")
 
     # SIDs (Spark): published items pinned, new ones placed against their occupancy, under the SID
     # rules the published version was built with.

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from jobs.config import RecodeConfig, config_dict
-from jobs.engines import SparkStaging, copy_tree, ray_runtime, remove_tree, spark_session
+from jobs.engines import SparkStaging, ray_runtime, remove_tree, spark_session
 from jobs.object_store import object_store
 from jobs.publishing import write_json, write_text
 from jobs.summary import JobSummary
@@ -33,6 +33,7 @@ from sa2crq.data.segments import SEGMENT_NAMES
 from sa2crq.quantize.tokenizer import Tokenizer, load_tokenizer
 from sa2crq.storage import layout
 from sa2crq.storage.publish import Publisher
+from sa2crq.storage.published import PublishedVersion
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,10 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     levels = len(tokenizer.codebook_sizes())
     codes = staging.read(spark, f"{url}/{layout.CODES}")
     stability: dict[str, Any] = {}
-    if config.reuse_tokenizer is not None and parent is not None:
-        previous = staging.read(spark, f"{publisher.version_url(parent)}/{layout.SID_TABLE}")
+    # The parent is read through its manifest: only listed files, each checked.
+    parent_files = PublishedVersion.open(publisher, parent) if parent is not None else None
+    if config.reuse_tokenizer is not None and parent_files is not None:
+        previous = staging.read_published(spark, parent_files, layout.SID_TABLE)
         finalised, counts = stable_sids_spark(previous, codes, levels, config.tokenizer.sid)
         stability = {**counts, "hysteresis_levels": config.tokenizer.sid.hysteresis_levels}
     else:
@@ -155,11 +158,11 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
         "config": config_dict(config),
     }
     churn = {"churn": 0.0}
-    if parent is not None:
+    if parent_files is not None:
         from jobs.spark_stability import sid_churn_spark
 
         churn, remap = sid_churn_spark(
-            staging.read(spark, f"{publisher.version_url(parent)}/{layout.SID_TABLE}"),
+            staging.read_published(spark, parent_files, layout.SID_TABLE),
             staging.read(spark, f"{url}/{layout.SID_TABLE}"),
         )
         staging.write(remap, f"{url}/{layout.REMAP}")
@@ -211,7 +214,7 @@ def publish_refusal(churn: dict[str, Any], config: RecodeConfig) -> str | None:
 
 def _tokenizer(config: RecodeConfig, publisher: Publisher, version: str, target: str, split) -> Tokenizer:
     if config.reuse_tokenizer is not None:
-        copy_tree(f"{publisher.version_url(config.reuse_tokenizer)}/{layout.TOKENIZER}", target)
+        PublishedVersion.open(publisher, config.reuse_tokenizer).copy(layout.TOKENIZER, target)
         tokenizer = load_tokenizer(target)
         tokenizer.fit_report = {"reused_from": config.reuse_tokenizer}
         return tokenizer

@@ -22,8 +22,8 @@ from sa2crq.metrics.html_report import retriever_page
 from sa2crq.retrieval.checkpoint import save_retriever
 from sa2crq.retrieval.model import RetrieverConfig
 from sa2crq.storage import layout
-from sa2crq.storage.filesystem import read_parquet_schema
 from sa2crq.storage.publish import Publisher
+from sa2crq.storage.published import PublishedVersion
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,11 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         sids = Publisher(storage.sids)
         sid_version = resolve_version(sids, config.sid_version, "SID", hint="run `sa2crq recode` first")
         vocab = SIDVocabulary.from_dict(sids.manifest(sid_version).meta["vocab"])
+        sid_files = PublishedVersion.open(sids, sid_version)
         model_config = RetrieverConfig(
             vocab_size=vocab.size, encoder_vocab_size=vocab.size + config.train.user_buckets,
             query_dim=EMBEDDING_DIM if config.request_kind == "query" else 0,
-            item_content_dim=_embedding_dim(sids.version_url(sid_version)) if config.model.item_content else 0,
+            item_content_dim=_embedding_dim(sid_files) if config.model.item_content else 0,
             **{k: v for k, v in dataclasses.asdict(config.model).items() if k != "item_content"},
         )  # fmt: skip
         retrievers = Publisher(storage.retrievers)
@@ -52,8 +53,8 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
                 use_gpu=config.ray.use_gpu, cpus_per_worker=config.ray.cpus_per_train_worker,
             )  # fmt: skip
             model, history, scorer = fit_retriever(
-                sids.version_url(sid_version), config.interactions, config.valid,
-                model_config, config.train, run, sid_version=sid_version, query_cache_dir=config.embedding_cache,
+                sid_files, config.interactions, config.valid,
+                model_config, config.train, run, query_cache_dir=config.embedding_cache,
             )  # fmt: skip
             meta = {"train_config": config.train.to_dict(), "request_kind": config.request_kind, "history": history,
                     "scorer": scorer, "parameters": model.num_parameters()}  # fmt: skip
@@ -79,6 +80,6 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         return summary
 
 
-def _embedding_dim(sid_version_url: str) -> int:
+def _embedding_dim(sids: PublishedVersion) -> int:
     """Width of the SID version's item embeddings (text embeddings, or the items' own vectors)."""
-    return read_parquet_schema(f"{sid_version_url}/{layout.EMBEDDINGS}").field("embedding").type.list_size
+    return sids.parquet_schema(layout.EMBEDDINGS).field("embedding").type.list_size

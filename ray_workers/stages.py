@@ -17,6 +17,7 @@ from sa2crq.data.validation import DEFAULT_TEXT_COLUMNS
 from sa2crq.quantize.tokenizer import load_tokenizer
 from sa2crq.retrieval.candidates import GenerationConfig
 from sa2crq.retrieval.serving import load_server
+from sa2crq.storage.published import PublishedVersion
 from sa2crq.tokenize_catalog import item_embeddings
 
 __all__ = ["CODES_COLUMN", "EMBEDDING_COLUMN", "embed_stage", "encode_stage", "generate_stage"]
@@ -63,17 +64,17 @@ def _fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def generate_stage(
-    sid_version_url: str,
-    sid_version: str,
-    retriever_url: str,
-    retriever_version: str,
+    sids: PublishedVersion,
+    retriever: PublishedVersion,
     generation: dict,
     request_kind: str,
     cache_dir: str | None,
 ) -> Callable[[pa.Table], pa.Table]:
     """Requests -> candidates: ``request_id``, ``item_ids``, ``scores`` (best first), the versions used,
-    and for history requests how many history items the SID version did not know."""
-    server = load_server(sid_version_url, sid_version, retriever_url, GenerationConfig(**generation))
+    and for history requests how many history items the SID version did not know. Each actor reads
+    both published versions itself, checking their files against the manifests."""
+    server = load_server(sids, retriever, GenerationConfig(**generation))
+    sid_version, retriever_version = sids.version, retriever.version
     embedder = TextEmbedder(cache_dir) if request_kind == "query" else None
 
     def generate(requests: pa.Table) -> pa.Table:

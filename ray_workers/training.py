@@ -42,6 +42,7 @@ from sa2crq.retrieval.scorer import ItemSIDs
 from sa2crq.storage import layout
 from sa2crq.retrieval.training import RetrieverTrainConfig, train_retriever
 from sa2crq.storage.filesystem import read_parquet, resolve_filesystem
+from sa2crq.storage.published import PublishedVersion
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +142,13 @@ def _save_tokenizer(tokenizer: Tokenizer, directory: str) -> None:
 
 
 def fit_retriever(
-    sid_version_url: str,
+    sids: PublishedVersion,
     train_interactions_url: str,
     valid_interactions_url: str,
     model_config: RetrieverConfig,
     train_config: RetrieverTrainConfig,
     run: TrainRun,
     *,
-    sid_version: str,
     query_cache_dir: str | None = None,
 ) -> tuple[GenerativeRetriever, dict, dict]:
     """Train the retriever, data-parallel; returns the best model, the training history and the
@@ -156,12 +156,12 @@ def fit_retriever(
 
     A model with ``query_dim`` 0 trains on user histories (the inputs are interactions); one with a
     query input trains on query logs (``query_id``, ``query``, ``item_id``), each worker embedding
-    the query text with MiniLM (cached under ``query_cache_dir``). Every worker reads the SID
-    version's SID table and item embeddings whole (they map items to tokens and content) and both
+    the query text with MiniLM (cached under ``query_cache_dir``). Every worker reads the published
+    SID version's SID table and item embeddings whole (its listed files, checked against the manifest) (they map items to tokens and content) and both
     inputs, builds the requests as the benchmark does, and trains on every ``world``-th training
     request. Checkpoints are selected by validation Recall@10 of constrained beam search and the
     item scorer, pooled over the ranks' validation shards; rank 0 then tunes the scorer's weights
-    on its validation shard. The checkpoint records ``sid_version``, the train config, the history
+    on its validation shard. The checkpoint records the SID version, the train config, the history
     and the tuned weights.
     """
     user_tokens_end = model_config.vocab_size + train_config.user_buckets
@@ -171,12 +171,8 @@ def fit_retriever(
             f"{train_config.user_buckets} user tokens after the {model_config.vocab_size} SID tokens: "
             f"set it to vocab_size + user_buckets = {user_tokens_end}"
         )
-    urls = {
-        "sid_table": f"{sid_version_url}/{layout.SID_TABLE}", "embeddings": f"{sid_version_url}/{layout.EMBEDDINGS}",
-        "train": train_interactions_url, "valid": valid_interactions_url,
-    }  # fmt: skip
-    args = {"urls": urls, "model_config": model_config, "train_config": train_config, "sid_version": sid_version,
-            "query_cache_dir": query_cache_dir}  # fmt: skip
+    args = {"sids": sids, "urls": {"train": train_interactions_url, "valid": valid_interactions_url},
+            "model_config": model_config, "train_config": train_config, "query_cache_dir": query_cache_dir}  # fmt: skip
     result = _trainer(_fit_retriever_per_worker, args, run, {}).fit()
     _check_replicas(result.metrics[REPLICA_FINGERPRINTS], run.name)
     with result.checkpoint.as_directory() as directory:
@@ -187,7 +183,9 @@ def fit_retriever(
 def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
     model_config: RetrieverConfig = args["model_config"]
     train_config: RetrieverTrainConfig = args["train_config"]
+    sids: PublishedVersion = args["sids"]
     tables = {name: read_parquet(url) for name, url in args["urls"].items()}
+    tables |= {"sid_table": sids.read_parquet(layout.SID_TABLE), "embeddings": sids.read_parquet(layout.EMBEDDINGS)}
     if model_config.query_dim:
         embed = TextEmbedder(args["query_cache_dir"]).embed
         data = query_training_data(tables["sid_table"], tables["train"], tables["valid"], embed)
@@ -228,7 +226,7 @@ def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
             "scorer": None if scorer is None else asdict(scorer)}  # fmt: skip
     _report_once(
         metrics, RETRIEVER_CHECKPOINT,
-        lambda directory: save_retriever(directory, model.cpu(), sid_version=args["sid_version"], meta=meta),
+        lambda directory: save_retriever(directory, model.cpu(), sid_version=sids.version, meta=meta),
     )
 
 

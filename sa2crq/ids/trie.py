@@ -511,21 +511,27 @@ class SIDTrie:
         fs, inner = resolve_filesystem(d)
         with fs.open_input_stream(f"{inner}/{META_FILE}") as f:
             meta = json.loads(f.read())
+        return cls.from_stored(meta, read_parquet(f"{d}/{NODES_DIR}"), read_parquet(f"{d}/{ROWS_DIR}"), where=d, validate=validate)
+
+    @classmethod
+    def from_stored(cls, meta: dict, nodes: pa.Table, rows: pa.Table, *, where: str, validate: bool = True) -> "SIDTrie":
+        """A trie from what :meth:`save` stores: the contents of ``trie.json``, ``nodes/`` and ``rows/``
+        (read from a directory, or from a published version checked against its manifest)."""
         if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{d}/{META_FILE}: not a {FORMAT_NAME} v{FORMAT_VERSION} file: {meta.get('format')!r} v{meta.get('version')!r}")
+            raise ValueError(f"{where}/{META_FILE}: not a {FORMAT_NAME} v{FORMAT_VERSION} file: {meta.get('format')!r} v{meta.get('version')!r}")
         if meta.get("pad") != PAD or meta.get("eos") != EOS:
-            raise ValueError(f"{d}/{META_FILE}: PAD/EOS {meta.get('pad')}/{meta.get('eos')} differ from {PAD}/{EOS}")
-        nodes = _sorted_columns(read_parquet(f"{d}/{NODES_DIR}"), NODE_COLUMNS, "node", f"{d}/{NODES_DIR}")
-        rows = _sorted_columns(read_parquet(f"{d}/{ROWS_DIR}"), ROW_COLUMNS, "row", f"{d}/{ROWS_DIR}")
+            raise ValueError(f"{where}/{META_FILE}: PAD/EOS {meta.get('pad')}/{meta.get('eos')} differ from {PAD}/{EOS}")
+        nodes = _sorted_columns(nodes, NODE_COLUMNS, "node", f"{where}/{NODES_DIR}")
+        rows = _sorted_columns(rows, ROW_COLUMNS, "row", f"{where}/{ROWS_DIR}")
         n_nodes = nodes["node"].size
         counts = {"n_nodes": n_nodes, "n_rows": rows["row"].size}
         wrong = {k: (meta.get(k), v) for k, v in counts.items() if meta.get(k) != v}
         if wrong:
-            raise ValueError(f"{d}: the files disagree with {META_FILE} (field: recorded, found): {wrong}")
+            raise ValueError(f"{where}: the files disagree with {META_FILE} (field: recorded, found): {wrong}")
         parent = nodes["parent"]
         # Breadth-first numbering: node e + 1 is reached by edge e, and edges are grouped by parent.
         if n_nodes == 0 or parent[0] != -1 or np.any(parent[1:] < 0) or np.any(parent[1:] >= np.arange(1, n_nodes)) or np.any(np.diff(parent[1:]) < 0):
-            raise ValueError(f"corrupt SIDTrie at {d}: node parents are not in breadth-first order")
+            raise ValueError(f"corrupt SIDTrie at {where}: node parents are not in breadth-first order")
         offsets = np.zeros(n_nodes + 1, dtype=np.int64)
         np.cumsum(np.bincount(parent[1:], minlength=n_nodes), out=offsets[1:])
         trie = cls(
@@ -539,7 +545,7 @@ class SIDTrie:
             max_length=int(meta["max_length"]),
         )
         if trie.n_sids != meta.get("n_sids"):
-            raise ValueError(f"{d}: {trie.n_sids} SIDs in the files, {meta.get('n_sids')} in {META_FILE}")
+            raise ValueError(f"{where}: {trie.n_sids} SIDs in the files, {meta.get('n_sids')} in {META_FILE}")
         if validate:
             trie.validate()
         return trie

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
-from sa2crq.storage.checkpoint import load_checkpoint, save_checkpoint
+from sa2crq.storage import layout
+from sa2crq.storage.checkpoint import load_checkpoint, parse_checkpoint, save_checkpoint
 from sa2crq.storage.filesystem import PathLike
+from sa2crq.storage.published import PublishedVersion
 
 KIND = "generative-retriever"
 # How the encoder attends over history items; a checkpoint trained otherwise (bidirectionally, by
@@ -37,12 +39,21 @@ def save_retriever(directory: PathLike, model: GenerativeRetriever, *, sid_versi
 
 
 def load_retriever(directory: PathLike) -> RetrieverCheckpoint:
-    tensors, meta = load_checkpoint(directory)
+    return _retriever(*load_checkpoint(directory), where=str(directory))
+
+
+def load_published_retriever(version: PublishedVersion) -> RetrieverCheckpoint:
+    """The retriever of a published retriever version, its files checked against the manifest."""
+    tensors, meta = parse_checkpoint(lambda name: version.read_bytes(f"{layout.RETRIEVER}/{name}"), version.file_url(layout.RETRIEVER))
+    return _retriever(tensors, meta, where=version.file_url(layout.RETRIEVER))
+
+
+def _retriever(tensors: dict, meta: dict[str, Any], *, where: str) -> RetrieverCheckpoint:
     if meta.get("kind") != KIND:
-        raise ValueError(f"{directory}: checkpoint of kind {meta.get('kind')!r}, not a {KIND}")
+        raise ValueError(f"{where}: checkpoint of kind {meta.get('kind')!r}, not a {KIND}")
     if meta.get("encoder_attention") != ENCODER_ATTENTION:
         raise ValueError(
-            f"{directory}: retriever trained with a {meta.get('encoder_attention', 'bidirectional')} encoder; this release reads "
+            f"{where}: retriever trained with a {meta.get('encoder_attention', 'bidirectional')} encoder; this release reads "
             f"{ENCODER_ATTENTION} ones: retrain it (sa2crq train-retriever)"
         )
     model = GenerativeRetriever(RetrieverConfig.from_dict(meta.pop("model_config")))

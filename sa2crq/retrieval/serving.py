@@ -5,7 +5,9 @@ embeddings and the trie. Items are addressed by their row in the SID table sorte
 the trie's row order, the token matrix and the embeddings agree however the parquet was sharded.
 
 A retriever records the SID version it was trained on; :func:`load_server` refuses any other
-(DESIGN §3.3a): the same tokens name other items there.
+(DESIGN §3.3a): the same tokens name other items there. Both versions are read through
+:class:`~sa2crq.storage.published.PublishedVersion`: only their listed files, each checked against
+its manifest.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import pyarrow.compute as pc
 import torch
 
 from sa2crq.data.segments import segment_codes
-from sa2crq.ids.trie import SIDTrie
+from sa2crq.ids.trie import META_FILE as TRIE_META_FILE
+from sa2crq.ids.trie import NODES_DIR, ROWS_DIR, SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
-from sa2crq.retrieval.checkpoint import load_retriever
+from sa2crq.retrieval.checkpoint import load_published_retriever
 from sa2crq.retrieval.data import ItemIndex, Requests, embeddings_in_index_order, sid_token_matrix
 from sa2crq.retrieval.scorer import ItemSIDs, ScorerWeights
 from sa2crq.storage import layout
-from sa2crq.storage.filesystem import read_parquet
+from sa2crq.storage.published import PublishedVersion
 
 
 class VersionMismatchError(ValueError):
@@ -42,12 +45,17 @@ class CatalogView:
     trie: SIDTrie
 
 
-def load_catalog_view(sid_version_url: str) -> CatalogView:
+def load_catalog_view(sids: PublishedVersion) -> CatalogView:
+    """A published SID version's items in serving order, every file checked against its manifest."""
     # Rows sorted by item id: the one row order every serving artifact uses.
-    table = read_parquet(f"{sid_version_url}/{layout.SID_TABLE}", columns=["item_id", "sid", "segment"]).sort_by("item_id")
+    table = sids.read_parquet(layout.SID_TABLE, columns=["item_id", "sid", "segment"]).sort_by("item_id")
     index = ItemIndex(table.column("item_id").to_numpy(zero_copy_only=False))
-    embeddings = embeddings_in_index_order(read_parquet(f"{sid_version_url}/{layout.EMBEDDINGS}", columns=["item_id", "embedding"]), index)
-    return CatalogView(index, sid_token_matrix(table.column("sid")), segment_codes(table.column("segment")), embeddings, SIDTrie.load(f"{sid_version_url}/{layout.TRIE}"))
+    embeddings = embeddings_in_index_order(sids.read_parquet(layout.EMBEDDINGS, columns=["item_id", "embedding"]), index)
+    trie = SIDTrie.from_stored(
+        sids.read_json(f"{layout.TRIE}/{TRIE_META_FILE}"), sids.read_parquet(f"{layout.TRIE}/{NODES_DIR}"),
+        sids.read_parquet(f"{layout.TRIE}/{ROWS_DIR}"), where=sids.file_url(layout.TRIE),
+    )  # fmt: skip
+    return CatalogView(index, sid_token_matrix(table.column("sid")), segment_codes(table.column("segment")), embeddings, trie)
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,14 +148,15 @@ def _require_values(table: pa.Table, columns: list[str]) -> None:
             raise ValueError(f"requests: {len(nulls)} rows have a null {column!r} (rule: not null), e.g. rows {nulls[:10].tolist()}")
 
 
-def load_server(sid_version_url: str, sid_version: str, retriever_url: str, generation: GenerationConfig, *, device: str | None = None) -> Server:
-    checkpoint = load_retriever(retriever_url)
-    if checkpoint.sid_version != sid_version:
+def load_server(sids: PublishedVersion, retriever: PublishedVersion, generation: GenerationConfig, *, device: str | None = None) -> Server:
+    """The published retriever version ``retriever`` serving the published SID version ``sids``."""
+    checkpoint = load_published_retriever(retriever)
+    if checkpoint.sid_version != sids.version:
         raise VersionMismatchError(
-            f"the retriever at {retriever_url} was trained on SID version {checkpoint.sid_version}, "
-            f"not {sid_version}: retrain it on {sid_version} or serve SID version {checkpoint.sid_version}"
+            f"retriever version {retriever.version} was trained on SID version {checkpoint.sid_version}, "
+            f"not {sids.version}: retrain it on {sids.version} or serve SID version {checkpoint.sid_version}"
         )
-    catalog = load_catalog_view(sid_version_url)
+    catalog = load_catalog_view(sids)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     train = checkpoint.meta["train_config"]
     vocab_size = checkpoint.model.config.vocab_size
@@ -165,4 +174,4 @@ def load_server(sid_version_url: str, sid_version: str, retriever_url: str, gene
         user_buckets=int(train["user_buckets"]),
         device=device,
     )
-    return Server(catalog, generator, int(train["max_history"]), sid_version)
+    return Server(catalog, generator, int(train["max_history"]), sids.version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -29,15 +30,23 @@ def save_checkpoint(directory: PathLike, tensors: dict[str, torch.Tensor], meta:
 
 
 def load_checkpoint(directory: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors.torch import load as load_tensors
-
     fs, root = resolve_filesystem(directory)
     if fs.get_file_info(f"{root}/{META_FILE}").type != pafs.FileType.File:
         raise FileNotFoundError(f"no checkpoint at {directory} ({META_FILE} missing)")
-    with fs.open_input_stream(f"{root}/{META_FILE}") as f:
-        meta = json.loads(f.read())
+
+    def read(name: str) -> bytes:
+        with fs.open_input_stream(f"{root}/{name}") as f:
+            return f.read()
+
+    return parse_checkpoint(read, str(directory))
+
+
+def parse_checkpoint(read: Callable[[str], bytes], where: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A checkpoint from ``read(name)``, the bytes of its file ``name`` (a directory's, or a
+    published version's checked against its manifest); ``where`` names it in errors."""
+    from safetensors.torch import load as load_tensors
+
+    meta = json.loads(read(META_FILE))
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
-    with fs.open_input_stream(f"{root}/{TENSORS_FILE}") as f:
-        tensors = load_tensors(f.read())
-    return tensors, meta
+        raise ValueError(f"{where}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
+    return load_tensors(read(TENSORS_FILE)), meta

@@ -51,14 +51,6 @@ def read_parquet(path: PathLike, columns: list[str] | None = None):
     return pq.read_table(inner, filesystem=fs, columns=columns).replace_schema_metadata(None)
 
 
-def read_parquet_schema(path: PathLike):
-    """The schema of a parquet file or directory (as :func:`read_parquet` would read it), no rows read."""
-    import pyarrow.dataset as ds
-
-    fs, inner = resolve_filesystem(path)
-    return ds.dataset(inner, filesystem=fs, format="parquet", ignore_prefixes=["_", "."]).schema
-
-
 def write_parquet(table, path: PathLike) -> None:
     """One parquet file at ``path`` (local or any fsspec URL), parent directories created."""
     import pyarrow.parquet as pq

@@ -198,9 +198,15 @@ def _already_exists(err: OSError) -> bool:
 
 
 def file_sha256(fs, path: str) -> str:
-    """Hex sha256 of one file, read in 1 MiB blocks (what a manifest records, and what verifying checks)."""
-    digest = hashlib.sha256()
+    """Hex sha256 of one file on an fsspec filesystem (what a manifest records, and what verifying checks)."""
     with fs.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return stream_sha256(f)[1]
+
+
+def stream_sha256(stream) -> tuple[int, str]:
+    """Bytes read and hex sha256 of what is left of an open binary stream (fsspec or pyarrow), read in 1 MiB blocks."""
+    digest, size = hashlib.sha256(), 0
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(block)
+        size += len(block)
+    return size, digest.hexdigest()

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sa2crq.storage import layout
-from sa2crq.storage.filesystem import read_parquet
-from sa2crq.storage.publish import LATEST, MANIFEST, Commit, Manifest, Publisher, file_sha256
+from sa2crq.storage.publish import LATEST, MANIFEST, Commit, Manifest, Publisher
+from sa2crq.storage.published import ManifestMismatchError, PublishedVersion
 
 # The meta key under which the SID jobs (recode, ingest) record their table's rows.
 ROW_COUNT_KEY = "items"
@@ -121,19 +121,18 @@ def show_version(publisher: Publisher, version: str) -> VersionDetail:
     report_name = next((name for name in REPORT_NAMES if name in manifest.files), None)
     report = None
     if report_name is not None:
-        report = json.loads(publisher.fs.cat_file(f"{publisher.version_path(version)}/{report_name}"))
+        report = PublishedVersion(publisher.version_url(version), version, manifest.files).read_json(report_name)
     return VersionDetail(_summary(commit, manifest, latest=commit is history[-1]), manifest, parts, report_name, report)
 
 
 def save_report_page(publisher: Publisher, version: str, path: str) -> str:
     """Copy a published version's report page (``report.html`` / ``train_report.html``) to a local
     ``path`` to open in a browser (an object store's files cannot be opened there)."""
-    version = published_version(publisher, version)
-    listed = publisher.manifest(version).files
-    name = next((name for name in REPORT_PAGES if name in listed), None)
+    files = PublishedVersion.open(publisher, published_version(publisher, version))
+    name = next((name for name in REPORT_PAGES if name in files.files), None)
     if name is None:
-        raise ValueError(f"version {version} has no report page (published before pages were written)")
-    data = publisher.fs.cat_file(f"{publisher.version_path(version)}/{name}")
+        raise ValueError(f"version {files.version} has no report page (published before pages were written)")
+    data = files.read_bytes(name)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(data)
     return path
@@ -144,7 +143,7 @@ def diff_sid_versions(publisher: Publisher, previous: str, current: str) -> SIDD
     from sa2crq.ids.stability import sid_churn
 
     previous, current = published_version(publisher, previous), published_version(publisher, current)
-    old, new = (read_parquet(f"{publisher.version_url(v)}/{layout.SID_TABLE}", columns=["item_id", "sid"]) for v in (previous, current))
+    old, new = (PublishedVersion.open(publisher, v).read_parquet(layout.SID_TABLE, columns=["item_id", "sid"]) for v in (previous, current))
     counts, remap = sid_churn(old, new)
     changed = remap.filter(pc.equal(remap.column("change"), "changed"))
     growth = (pc.list_value_length(changed.column("new_sid")).to_numpy(zero_copy_only=False)
@@ -153,8 +152,8 @@ def diff_sid_versions(publisher: Publisher, previous: str, current: str) -> SIDD
 
 
 def verify_version(publisher: Publisher, version: str) -> VersionCheck:
-    """Every file the manifest lists exists with its recorded size and sha256, and nothing else is in
-    the version's directory. Sizes come from one listing; a file of the right size is then hashed."""
+    """Every file the manifest lists exists with its recorded size and sha256 (checked as a job's
+    reader checks it, :meth:`PublishedVersion.check`), and nothing else is in the version's directory."""
     version = published_version(publisher, version)
     base = publisher.version_path(version)
     try:
@@ -167,17 +166,12 @@ def verify_version(publisher: Publisher, version: str) -> VersionCheck:
     found = {path[len(base) + 1 :]: info for path, info in listing.items()}
     found.pop(MANIFEST, None)
     problems = []
-    for relative, recorded in sorted(manifest.files.items()):
-        if relative not in found:
-            problems.append(FileProblem(relative, "missing", f"listed ({recorded['size']:,} bytes) but not found"))
-            continue
-        size = int(found[relative]["size"])
-        if size != recorded["size"]:  # a different size needs no hash to tell
-            problems.append(FileProblem(relative, "size", f"{size:,} bytes, the manifest records {recorded['size']:,}"))
-            continue
-        digest = file_sha256(publisher.fs, f"{base}/{relative}")
-        if digest != recorded["sha256"]:
-            problems.append(FileProblem(relative, "sha256", f"sha256 {digest[:12]}..., the manifest records {recorded['sha256'][:12]}... (same size)"))
+    files = PublishedVersion(publisher.version_url(version), version, manifest.files)
+    for relative in sorted(manifest.files):
+        try:
+            files.check(relative)
+        except ManifestMismatchError as err:
+            problems.append(FileProblem(relative, err.kind, f"the manifest records {err.expected}, found {err.found}"))
     for relative in sorted(found.keys() - manifest.files.keys()):
         problems.append(FileProblem(relative, "unlisted", f"present ({int(found[relative]['size']):,} bytes) but not in the manifest"))
     return VersionCheck(version, len(manifest.files), tuple(problems))

@@ -34,8 +34,10 @@ from sa2crq.retrieval.data import synthetic_queries
 from sa2crq.ids.sid_table import assign_sids
 from sa2crq.retrieval.serving import VersionMismatchError, load_catalog_view
 from sa2crq.storage import layout
+from sa2crq.storage.checkpoint import TENSORS_FILE
 from sa2crq.storage.filesystem import read_parquet
 from sa2crq.storage.publish import Publisher
+from sa2crq.storage.published import ManifestMismatchError, PublishedVersion
 
 from conftest import make_catalog
 
@@ -132,7 +134,7 @@ def test_recode_publishes_a_version_whose_spark_sids_equal_the_library(data):
     for column in ("sid", "code_depth", "digit", "bucket_size"):
         assert table.column(column).to_pylist() == expected.column(column).to_pylist(), column
 
-    view = load_catalog_view(url)  # the serving view of the version loads and is consistent
+    view = load_catalog_view(PublishedVersion.open(publisher, summary.version))  # the serving view of the version loads and is consistent
     assert len(view.index) == N_ITEMS - 1 and view.trie.n_sids == len(set(map(tuple, table.column("sid").to_pylist())))
 
 
@@ -159,7 +161,7 @@ def test_a_recode_killed_before_publishing_leaves_the_previous_version(data, tmp
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
     assert (publisher.latest(), publisher.versions()) == before
-    load_catalog_view(publisher.version_url(before[0]))  # the previous version is still whole
+    load_catalog_view(PublishedVersion.open(publisher, before[0]))  # the previous version is still whole
 
 
 def _new_version_dirs(fs, known: list[str]) -> list[str]:
@@ -249,13 +251,23 @@ def test_ingest_keeps_published_sids_and_a_rerun_changes_nothing(tmp_path):
     batch = str(tmp_path / "batch.parquet")
     pq.write_table(_new_items(10_000, 30, seed=11), batch)
     config = load_job_config("ingest", None, _assign({"items": batch}))
+    # A file of the parent changed after its commit: ingest stops, naming it, and publishes nothing.
+    tensors = f"{publisher.version_path(parent)}/{layout.TOKENIZER}/{TENSORS_FILE}"
+    original = publisher.fs.cat_file(tensors)
+    publisher.fs.pipe_file(tensors, original + b"changed")
+    try:
+        with pytest.raises(ManifestMismatchError, match=f"{parent}: {layout.TOKENIZER}/{TENSORS_FILE} does not match its manifest"):
+            run_ingest(config)
+    finally:
+        publisher.fs.pipe_file(tensors, original)
+    assert publisher.latest() == parent
     done = run_ingest(config)
     assert done.published and publisher.manifest(done.version).parent == parent
     before, after = _sid_table(parent), _sid_table(done.version)
     kept = after.filter(pc.is_in(after.column("item_id"), value_set=before.column("item_id")))
     assert kept.column("sid").to_pylist() == before.column("sid").to_pylist()  # existing items never change
     assert after.num_rows == before.num_rows + 30 and done.report["delta_rows"] == 30
-    assert len(load_catalog_view(publisher.version_url(done.version)).index) == after.num_rows
+    assert len(load_catalog_view(PublishedVersion.open(publisher, done.version)).index) == after.num_rows
 
     again = run_ingest(config)
     assert not again.published and publisher.latest() == done.version and again.report["already_published"] == 30

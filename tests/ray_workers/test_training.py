@@ -25,6 +25,8 @@ from sa2crq.retrieval.scorer import ItemSIDs, ScorerWeights
 from sa2crq.retrieval.training import RetrieverTrainConfig, validation_loss
 from sa2crq.storage import layout
 from sa2crq.storage.filesystem import read_parquet, resolve_filesystem, write_parquet
+from sa2crq.storage.publish import Publisher
+from sa2crq.storage.published import PublishedVersion
 from tests.conftest import small_config
 
 ITEMS = 1500
@@ -81,7 +83,7 @@ def test_fit_tokenizer_checkpoints_on_s3_and_replicas_agree(s3_endpoint, ray_loc
 
 
 def _sid_table_and_interactions(tmp_path):
-    """A SID version directory (SID table and item embeddings) of 64 items with 2-level SIDs; 60 users
+    """A published SID version (SID table and item embeddings) of 64 items with 2-level SIDs; 60 users
     who walk the catalog in steps of one (a learnable pattern). Returns the vocabulary size, the
     paths, and the item embeddings in SID table row order."""
     rng = np.random.default_rng(0)
@@ -99,13 +101,16 @@ def _sid_table_and_interactions(tmp_path):
     embeddings = rng.normal(size=(n_items, 8)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     embedded = pa.table({"item_id": item_ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), 8)})
-    paths = {"sid_version": tmp_path / "sids", "train": tmp_path / "train.parquet", "valid": tmp_path / "valid.parquet"}
-    write_parquet(table.to_arrow(), paths["sid_version"] / layout.SID_TABLE / "part-0.parquet")
+    sids = Publisher(str(tmp_path / "sids"))
+    version = sids.new_version()
+    write_parquet(table.to_arrow(), f"{sids.version_url(version)}/{layout.SID_TABLE}/part-0.parquet")
     # Shuffled: the workers must put the embeddings in the SID table's row order themselves.
-    write_parquet(embedded.take(rng.permutation(n_items)), paths["sid_version"] / layout.EMBEDDINGS / "part-0.parquet")
+    write_parquet(embedded.take(rng.permutation(n_items)), f"{sids.version_url(version)}/{layout.EMBEDDINGS}/part-0.parquet")
+    sids.publish(version, parent=None)
+    paths = {"train": str(tmp_path / "train.parquet"), "valid": str(tmp_path / "valid.parquet")}
     write_parquet(interactions.filter(pa.array(~last)), paths["train"])
     write_parquet(interactions.filter(pa.array(last)), paths["valid"])
-    return table.vocab.size, {name: str(p) for name, p in paths.items()}, embeddings
+    return table.vocab.size, {"sid_version": PublishedVersion.open(sids, version), **paths}, embeddings
 
 
 TRAIN_CONFIG = RetrieverTrainConfig(epochs=4, batch_size=32, learning_rate=3e-3, warmup_steps=2, max_history=4,
@@ -123,20 +128,19 @@ def test_fit_retriever_learns_and_checkpoints_the_best_model(ray_local, tmp_path
     train_config, model_config = TRAIN_CONFIG, _retriever_config(vocab)
     run = TrainRun(name=f"retriever-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "runs"), cpus_per_worker=WORKER_CPUS)
 
-    model, history, scorer = fit_retriever(paths["sid_version"], paths["train"], paths["valid"], model_config, train_config, run,
-                                           sid_version="sids-v1")
+    model, history, scorer = fit_retriever(paths["sid_version"], paths["train"], paths["valid"], model_config, train_config, run)
 
     curve = history["curve"]
     assert len(curve) == 4 and curve[-1]["valid_loss"] < curve[0]["valid_loss"]  # one evaluation per epoch; it learns
     assert history["selected_by"] == "select" and history["best_metric"] == max(p["metric"] for p in curve)
     checkpoint = load_retriever(tmp_path / "runs" / run.name / "retriever")
-    assert checkpoint.sid_version == "sids-v1"
+    assert checkpoint.sid_version == paths["sid_version"].version
     assert checkpoint.meta["train_config"] == train_config.to_dict() and checkpoint.meta["world_size"] == 2
     # Rank 0 tuned the item scorer on validation; the weights are returned and recorded.
     assert checkpoint.meta["scorer"] == scorer and isinstance(ScorerWeights(**scorer), ScorerWeights)
     # The returned model is the best evaluation's: its loss over the whole validation set is the
     # loss the two ranks pooled over their halves at that evaluation...
-    data = history_training_data(*(read_parquet(p) for p in (f"{paths['sid_version']}/{layout.SID_TABLE}", paths["train"], paths["valid"])),
+    data = history_training_data(paths["sid_version"].read_parquet(layout.SID_TABLE), read_parquet(paths["train"]), read_parquet(paths["valid"]),
                                  train_config.max_history)  # fmt: skip
     full = validation_loss(model, data.valid, ItemFeatures(torch.as_tensor(data.sid_tokens)), train_config, user_offset=vocab)
     assert full == pytest.approx(history["best_valid_loss"], rel=1e-5)
@@ -157,11 +161,11 @@ def test_fit_retriever_refuses_a_vocabulary_that_does_not_fit_the_sids(ray_local
     # Checked on the driver, before any worker starts.
     with pytest.raises(ValueError, match="user tokens"):
         fit_retriever(paths["sid_version"], paths["train"], paths["valid"], replace(_retriever_config(vocab), encoder_vocab_size=vocab),
-                      TRAIN_CONFIG, run, sid_version="sids-v1")
+                      TRAIN_CONFIG, run)
     # Checked on the workers, which read the SID table: a vocabulary of level-1 codes only.
     with pytest.raises(TrainingFailedError, match="beyond the retriever's vocab_size"):
         fit_retriever(paths["sid_version"], paths["train"], paths["valid"], _retriever_config(FIRST_CODE_TOKEN + 8), TRAIN_CONFIG,
-                      run, sid_version="sids-v1")
+                      run)
 
 
 @pytest.mark.timeout(20)

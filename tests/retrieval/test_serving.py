@@ -1,4 +1,4 @@
-"""Serving a retriever over a SID version directory: version check, request building, candidate rows."""
+"""Serving a published retriever over a published SID version: version check, request building, candidate rows."""
 
 from __future__ import annotations
 
@@ -15,13 +15,15 @@ from sa2crq.data.segments import assign_segments
 from sa2crq.ids.sid_table import assign_sids
 from sa2crq.ids.trie import SIDTrie
 from sa2crq.retrieval.candidates import GenerationConfig
-from sa2crq.retrieval.checkpoint import load_retriever, save_retriever
+from sa2crq.retrieval.checkpoint import load_published_retriever, load_retriever, save_retriever
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
 from sa2crq.retrieval.scorer import ScorerWeights
 from sa2crq.retrieval.serving import VersionMismatchError, load_server
 from sa2crq.storage import layout
 from sa2crq.storage.checkpoint import META_FILE
 from sa2crq.storage.filesystem import write_parquet
+from sa2crq.storage.publish import Publisher
+from sa2crq.storage.published import PublishedVersion
 
 N, LEVELS, K = 60, 3, 4
 
@@ -29,16 +31,27 @@ N, LEVELS, K = 60, 3, 4
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _publish_retriever(root, model, sid_version: str, meta: dict) -> PublishedVersion:
+    retrievers = Publisher(f"{root}/retrievers")
+    version = retrievers.new_version()
+    save_retriever(f"{retrievers.version_url(version)}/{layout.RETRIEVER}", model, sid_version=sid_version, meta=meta)
+    retrievers.publish(version, parent=retrievers.latest())
+    return PublishedVersion.open(retrievers, version)
+
+
 @pytest.fixture(scope="module")
 def version(tmp_path_factory):
-    """A SID version directory as recode writes it (rows shuffled: serving must sort by item id) and a retriever."""
+    """A published SID version as recode writes it (rows shuffled: serving must sort by item id) and a
+    published retriever trained on it."""
     root = tmp_path_factory.mktemp("serving")
+    sids = Publisher(f"{root}/sids")
+    name = sids.new_version()
     rng = np.random.default_rng(0)
     item_ids = rng.permutation(np.arange(100, 100 + N)).astype(np.int64)
     popularity = rng.integers(0, 20, N)
     segments = assign_segments(item_ids, popularity, SegmentConfig())
     table = assign_sids(item_ids, rng.integers(0, K, (N, LEVELS)), popularity, segments, (K,) * LEVELS, SIDConfig(max_bucket=4))
-    sid_version = str(root / "sids")
+    sid_version = sids.version_url(name)
     write_parquet(table.to_arrow(), f"{sid_version}/{layout.SID_TABLE}/part-0.parquet")
     vectors = rng.normal(size=(N, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -50,33 +63,34 @@ def version(tmp_path_factory):
         vocab_size=table.vocab.size, encoder_vocab_size=table.vocab.size + 10, d_model=16, num_heads=2, head_dim=8,
         d_ff=32, encoder_layers=1, decoder_layers=1,
     ))  # fmt: skip
-    retriever = str(root / "retriever")
-    save_retriever(retriever, torch_model, sid_version="v1", meta={"train_config": {"user_buckets": 10, "max_history": 3}})
-    return sid_version, retriever
+    sids.publish(name, parent=None)
+    retriever = _publish_retriever(root, torch_model, name, {"train_config": {"user_buckets": 10, "max_history": 3}})
+    return PublishedVersion.open(sids, name), retriever
 
 
-def test_a_retriever_is_refused_on_another_sid_version(version):
-    sid_version, retriever = version
-    with pytest.raises(VersionMismatchError, match="trained on SID version v1, not v2"):
-        load_server(sid_version, "v2", retriever, GenerationConfig(), device="cpu")
+def test_a_retriever_is_refused_on_another_sid_version(version, tmp_path):
+    sids, retriever = version
+    other = _publish_retriever(tmp_path, load_published_retriever(retriever).model, "v0", {"train_config": {"user_buckets": 10, "max_history": 3}})
+    with pytest.raises(VersionMismatchError, match=f"retriever version {other.version} was trained on SID version v0, not {sids.version}"):
+        load_server(sids, other, GenerationConfig(), device="cpu")
 
 
 def test_a_retriever_with_a_bidirectional_encoder_is_refused(version, tmp_path):
     """Checkpoints from before the item-causal encoder would load and rank differently: refused."""
     _, retriever = version
     old = tmp_path / "old"
-    shutil.copytree(retriever, old)
+    shutil.copytree(retriever.file_url(layout.RETRIEVER), old)
     meta = json.loads((old / META_FILE).read_text())
     del meta["encoder_attention"]
     (old / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="trained with a bidirectional encoder; this release reads item-causal ones: retrain"):
         load_retriever(str(old))
-    assert load_retriever(retriever).sid_version == "v1"
+    assert load_published_retriever(retriever).sid_version == version[0].version
 
 
 def test_history_requests_keep_the_last_known_items_oldest_first_and_count_unknown_ones(version):
     sid_version, retriever = version
-    server = load_server(sid_version, "v1", retriever, GenerationConfig(beam_width=4, k=5), device="cpu")
+    server = load_server(sid_version, retriever, GenerationConfig(beam_width=4, k=5), device="cpu")
     requests = pa.table({
         "request_id": pa.array([7, 8, 9], pa.int64()),
         "history": pa.array([[100, 101, 999, 102, 103], [104], []], pa.list_(pa.int64())),
@@ -98,9 +112,9 @@ def test_history_requests_keep_the_last_known_items_oldest_first_and_count_unkno
 
 def test_history_requests_exclude_the_whole_history_not_only_the_window(version):
     sid_version, retriever = version
-    probe = load_server(sid_version, "v1", retriever, GenerationConfig(), device="cpu")
+    probe = load_server(sid_version, retriever, GenerationConfig(), device="cpu")
     # A beam over every SID and k = the catalog: the candidates are every item the request does not exclude.
-    server = load_server(sid_version, "v1", retriever, GenerationConfig(beam_width=probe.catalog.trie.n_sids, k=N), device="cpu")
+    server = load_server(sid_version, retriever, GenerationConfig(beam_width=probe.catalog.trie.n_sids, k=N), device="cpu")
     # Item 100 (dense index 0) stays out of it, so this does not hinge on the scorer's item-0 bug
     # (test_scorer.py::test_item_zero_in_a_padded_history_is_excluded).
     requests = pa.table({"request_id": pa.array([7], pa.int64()), "history": pa.array([[101, 102, 999, 103, 104]], pa.list_(pa.int64()))})
@@ -113,20 +127,19 @@ def test_history_requests_exclude_the_whole_history_not_only_the_window(version)
 def test_the_scorer_weights_tuned_in_training_are_served_unless_switched_off(version, tmp_path):
     sid_version, retriever = version
     # The fixture's checkpoint records no tuned weights: the generation config's own are used.
-    assert load_server(sid_version, "v1", retriever, GenerationConfig(), device="cpu").generator.config.weights == GenerationConfig().weights
+    assert load_server(sid_version, retriever, GenerationConfig(), device="cpu").generator.config.weights == GenerationConfig().weights
     tuned = ScorerWeights(temperature=0.2, dense_weight=0.5, content_weight=2.0, dense_candidates=20)
-    checkpoint = load_retriever(retriever)
-    with_scorer = str(tmp_path / "tuned")
-    save_retriever(with_scorer, checkpoint.model, sid_version="v1", meta={**checkpoint.meta, "scorer": dataclasses.asdict(tuned)})
-    served = load_server(sid_version, "v1", with_scorer, GenerationConfig(beam_width=4, k=5), device="cpu").generator.config
+    checkpoint = load_published_retriever(retriever)
+    with_scorer = _publish_retriever(tmp_path, checkpoint.model, sid_version.version, {**checkpoint.meta, "scorer": dataclasses.asdict(tuned)})
+    served = load_server(sid_version, with_scorer, GenerationConfig(beam_width=4, k=5), device="cpu").generator.config
     assert served.weights == tuned and (served.beam_width, served.k) == (4, 5)
-    untuned = load_server(sid_version, "v1", with_scorer, GenerationConfig(tuned_scorer=False), device="cpu").generator.config
+    untuned = load_server(sid_version, with_scorer, GenerationConfig(tuned_scorer=False), device="cpu").generator.config
     assert untuned.weights == GenerationConfig().weights
 
 
 def test_requests_with_a_null_id_or_history_are_refused_naming_the_rows(version):
     sid_version, retriever = version
-    server = load_server(sid_version, "v1", retriever, GenerationConfig(), device="cpu")
+    server = load_server(sid_version, retriever, GenerationConfig(), device="cpu")
     bad = pa.table({"request_id": pa.array([1, None, 3], pa.int64()), "history": pa.array([[100], [101], None], pa.list_(pa.int64()))})
     with pytest.raises(ValueError, match=r"1 rows have a null 'request_id' \(rule: not null\), e.g. rows \[1\]"):
         server.history_requests(bad)
