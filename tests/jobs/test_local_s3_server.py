@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.object_store import LocalS3Server, LocalS3ServerInUse
+from jobs import cli
+from jobs.object_store import _LOCAL_SERVER_ENV, LocalS3Server, LocalS3ServerInUse
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[2]
@@ -67,6 +68,24 @@ def test_second_server_on_a_directory_in_use_is_refused_naming_the_holder(tmp_pa
     second = LocalS3Server(tmp_path)  # once stopped, the directory is free again
     second.start()
     second.stop()
+
+
+def test_a_job_on_a_directory_in_use_exits_with_the_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    # What object_store would set for the local server, set here so that it is undone afterwards (a
+    # session server started later would take these credentials for its own).
+    for name, value in _LOCAL_SERVER_ENV.items():
+        monkeypatch.setenv(name, value)
+    holder = LocalS3Server(tmp_path)
+    endpoint = holder.start()
+    try:
+        code = cli.main(["versions", "list", "--root", "s3://sa2crq-test/catalog", "--local-server-dir", str(tmp_path)])
+    finally:
+        holder.stop()
+    assert code == cli.LOCAL_SERVER_DIR_IN_USE
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: the local S3 server's directory {tmp_path} is in use") and endpoint in error
+    assert "Traceback" not in error
 
 
 def test_failed_start_shows_the_end_of_the_server_log(tmp_path):
