@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,16 +36,32 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _start_job(data_dir: Path) -> tuple[subprocess.Popen, int]:
-    """A job process with its server up; returns it and the server's pid (from the lock file's record)."""
-    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
-    job = subprocess.Popen([sys.executable, "-c", JOB, str(data_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+@pytest.fixture
+def start_job():
+    """Starts a job process over a directory, with its server up; returns it and the server's pid (from
+    the lock file's record). A job a failed test leaves is killed (and its server with it)."""
+    started = []
+
+    def start(data_dir: Path) -> tuple[subprocess.Popen, int]:
+        env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+        started.append(subprocess.Popen([sys.executable, "-c", JOB, str(data_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True))
+        return started[-1], _server_pid(started[-1], data_dir)
+
+    yield start
+    for job in started:
+        if job.poll() is None:
+            job.kill()
+        job.wait()
+        job.stdout.close()
+
+
+def _server_pid(job: subprocess.Popen, data_dir: Path) -> int:
     endpoint = job.stdout.readline().strip()
     assert endpoint.startswith("http://127.0.0.1:"), f"the job did not start its server (exit {job.poll()})"
     holder = json.loads((data_dir / "local-s3-server.lock").read_text())
     assert holder["job_pid"] == job.pid and holder["endpoint"] == endpoint
     assert _running(holder["server_pid"])
-    return job, holder["server_pid"]
+    return holder["server_pid"]
 
 
 def test_second_server_on_a_directory_in_use_is_refused_naming_the_holder(tmp_path):
@@ -98,23 +113,23 @@ def test_failed_start_shows_the_end_of_the_server_log(tmp_path):
         LocalS3Server(tmp_path).start()
 
 
-def test_sigterm_to_the_job_stops_its_server_before_the_job_exits(tmp_path):
-    job, server_pid = _start_job(tmp_path)
+def test_sigterm_to_the_job_stops_its_server_before_the_job_exits(tmp_path, start_job):
+    job, server_pid = start_job(tmp_path)
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=60) == -signal.SIGTERM  # died of the signal, as without the handler
     assert not _running(server_pid)  # at once: the job stopped and reaped it before dying
     assert "sa2crq-local" not in (tmp_path / "local-s3-server.log").read_text()  # the dummy credentials are not logged
 
 
-def test_sigint_to_the_job_stops_its_server(tmp_path):
-    job, server_pid = _start_job(tmp_path)
+def test_sigint_to_the_job_stops_its_server(tmp_path, start_job):
+    job, server_pid = start_job(tmp_path)
     job.send_signal(signal.SIGINT)
-    assert job.wait(timeout=60) != 0
+    assert job.wait(timeout=60) == -signal.SIGINT  # KeyboardInterrupt unhandled: Python dies of SIGINT
     assert not _running(server_pid)
 
 
-def test_a_sigkilled_job_leaves_no_server_and_its_stale_record_does_not_block(tmp_path):
-    job, server_pid = _start_job(tmp_path)
+def test_a_sigkilled_job_leaves_no_server_and_its_stale_record_does_not_block(tmp_path, start_job):
+    job, server_pid = start_job(tmp_path)
     job.kill()
     job.wait(timeout=30)
     server = LocalS3Server(tmp_path)  # waits for the server the kernel is stopping, then starts
