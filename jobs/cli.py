@@ -5,7 +5,8 @@ overrides (precedence: defaults < file < --set; see :mod:`jobs.config`); ``--pri
 the result with each value's source and runs nothing. A job ends by printing
 what it wrote where, with row counts. Exit codes: 0 done, 2 bad input or config, 3 refused
 (churn above the limit, or a retriever / SID version mismatch), 4 verification failed (``sa2crq
-versions verify`` found a published file missing, changed, or not in its manifest).
+versions verify`` found a published file missing, changed, or not in its manifest), 5 the local S3
+server's directory (``storage.local_server_dir``) is in use by another job's server.
 """
 
 from __future__ import annotations
@@ -30,10 +31,17 @@ JOB_HELP = {
 }
 REFUSED = 3
 VERIFY_FAILED = 4
+LOCAL_SERVER_DIR_IN_USE = 5
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv)
+    from jobs.object_store import LocalS3ServerInUse
+
+    try:
+        return run(build_parser(), argv)
+    except LocalS3ServerInUse as in_use:  # the message says whose server it is and what to do: no traceback
+        print(f"error: {in_use}", file=sys.stderr)
+        return LOCAL_SERVER_DIR_IN_USE
 
 
 def build_parser() -> argparse.ArgumentParser:
