@@ -50,7 +50,7 @@ from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, mixed_prec
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "stable-decay")
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,10 @@ class RetrieverTrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 200
-    # "constant" after warm-up, or "cosine" decay to 10% of the peak over the run.
+    # After warm-up: "constant"; "cosine" decay to 10% of the peak over the run; or "stable-decay":
+    # constant, then a linear decay to 10% of the peak over the last ``decay_fraction`` of the steps.
     schedule: str = "constant"
+    decay_fraction: float = 0.25
     # Most recent items of a history fed to the encoder.
     max_history: int = 8
     user_buckets: int = 2000
@@ -91,6 +93,8 @@ class RetrieverTrainConfig:
             raise ValueError("retriever max_history, user_buckets, patience must be >= 1, max_steps >= 0")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"retriever schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"retriever decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.select_users < 1 or self.tune_users < 1:
             raise ValueError("retriever select_users and tune_users must be >= 1")
         if self.dense_loss_weight < 0 or self.eval_every_steps < 0 or self.dense_negatives < 0:
@@ -295,11 +299,15 @@ def _pooled(count: int) -> int:
 
 
 def _lr_factor(step: int, config: RetrieverTrainConfig, total: int) -> float:
-    """Linear warm-up, then constant or cosine decay to 10% of the peak."""
+    """Linear warm-up, then constant, cosine decay to 10% of the peak, or constant followed by a
+    linear decay to 10% over the last ``decay_fraction`` of the run."""
     if config.warmup_steps and step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return 1.0
+    if config.schedule == "stable-decay":
+        decay_steps = max(1, round(config.decay_fraction * total))
+        return 1.0 - 0.9 * min(1.0, max(0, step - (total - decay_steps)) / decay_steps)
     progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from sa2crq.ids.trie import EOS, PAD
 from sa2crq.retrieval.data import ItemIndex, Requests, Sequences, evaluation_requests, training_requests, user_token
 from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, RetrieverConfig
-from sa2crq.retrieval.training import RetrieverTrainConfig, batch_losses, make_batch, train_retriever
+from sa2crq.retrieval.training import RetrieverTrainConfig, _lr_factor, batch_losses, make_batch, train_retriever
 
 # Tiny models gain nothing from intra-op threads; on busy shared cores their spin-waits cost 100x.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -265,8 +265,23 @@ def test_every_position_losses_equal_decoding_each_target_from_its_own_cut_histo
 
 
 def test_train_config_is_validated():
-    for bad in (dict(schedule="linear"), dict(select_users=0), dict(tune_users=0), dict(dense_loss_weight=-1.0), dict(eval_every_steps=-1)):
+    for bad in (dict(schedule="linear"), dict(decay_fraction=0.0), dict(select_users=0), dict(tune_users=0), dict(dense_loss_weight=-1.0), dict(eval_every_steps=-1)):
         with pytest.raises(ValueError, match="retriever"):
             RetrieverTrainConfig(**bad)
     defaults = RetrieverTrainConfig()
     assert (defaults.max_history, defaults.learning_rate, defaults.schedule, defaults.eval_every_steps) == (8, 2e-3, "constant", 0)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "stable-decay"])
+def test_learning_rate_schedules(schedule):
+    config = RetrieverTrainConfig(schedule=schedule, warmup_steps=10, decay_fraction=0.25)
+    factors = np.array([_lr_factor(step, config, 100) for step in range(100)])
+    np.testing.assert_allclose(factors[:10], np.arange(1, 11) / 10)  # linear warm-up
+    assert np.all(np.diff(factors[10:]) <= 1e-12)  # never rises after the warm-up
+    if schedule == "constant":
+        assert np.all(factors[10:] == 1.0)
+    elif schedule == "stable-decay":
+        assert np.all(factors[10:75] == 1.0)  # stable until the last quarter
+        assert factors[76] < 1.0 and factors[99] == pytest.approx(0.1 + 0.9 / 25)
+    else:
+        assert factors[99] == pytest.approx(0.1, abs=1e-3)
