@@ -34,6 +34,7 @@ from sa2crq.quantize.sample import in_sample, sample_fractions, sample_report
 from sa2crq.quantize.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from sa2crq.retrieval.checkpoint import load_retriever, save_retriever
 from sa2crq.data.embed import TextEmbedder
+from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.ids.trie import PAD, SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig, validation_recall, validation_samples
 from sa2crq.retrieval.data import ItemIndex, embeddings_in_index_order, history_training_data, query_training_data
@@ -186,11 +187,12 @@ def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
     sids: PublishedVersion = args["sids"]
     tables = {name: read_parquet(url) for name, url in args["urls"].items()}
     tables |= {"sid_table": sids.read_parquet(layout.SID_TABLE), "embeddings": sids.read_parquet(layout.EMBEDDINGS)}
+    vocab = SIDVocabulary.from_dict(sids.meta["vocab"])
     if model_config.query_dim:
         embed = TextEmbedder(args["query_cache_dir"]).embed
-        data = query_training_data(tables["sid_table"], tables["train"], tables["valid"], embed)
+        data = query_training_data(tables["sid_table"], vocab, tables["train"], tables["valid"], embed)
     else:
-        data = history_training_data(tables["sid_table"], tables["train"], tables["valid"], train_config.max_history)
+        data = history_training_data(tables["sid_table"], vocab, tables["train"], tables["valid"], train_config.max_history)
     sid_vocab = int(data.sid_tokens.max()) + 1
     if sid_vocab > model_config.vocab_size:
         raise ValueError(
@@ -206,7 +208,7 @@ def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
     embeddings = embeddings_in_index_order(tables["embeddings"], ItemIndex(tables["sid_table"].column("item_id").to_numpy(zero_copy_only=False)))
     generator = CandidateGenerator(
         model, data.sid_tokens, trie, ItemSIDs.build(trie.row_sid), embeddings, GenerationConfig(),
-        user_offset=model_config.vocab_size, user_buckets=train_config.user_buckets, device=device,
+        user_offset=model_config.vocab_size, user_buckets=train_config.user_buckets, device=device, path_tokens=data.path_tokens,
     )  # fmt: skip
     valid = data.valid.subset(np.arange(rank, len(data.valid), world))
     select_requests, tune_requests = validation_samples(valid, replace(train_config, select_users=-(-train_config.select_users // world)), seed=train_config.seed)

@@ -79,6 +79,11 @@ class SIDTable:
     digit_overflow_items: int
 
     @property
+    def path_tokens(self) -> np.ndarray:
+        """(N, L + 2) :func:`code_path_tokens` of every item."""
+        return code_path_tokens(self.codes, self.digit, self.vocab)
+
+    @property
     def sid_len(self) -> np.ndarray:
         """Tokens before EOS (code levels plus the digit, if any)."""
         return self.code_depth + (self.digit >= 0)
@@ -184,14 +189,7 @@ def build_sid_table(
     sid_index = sid_index.reshape(-1).astype(np.int64)
     bucket_size = np.bincount(sid_index)[sid_index]
 
-    tokens = np.full((n, levels + 2), PAD, dtype=np.int64)
-    code_tokens = vocab.level_offsets[None, :] + codes
-    keep = np.arange(levels)[None, :] < depth[:, None]
-    tokens[:, :levels] = np.where(keep, code_tokens, PAD)
-    rows = np.arange(n)
-    has_digit = digit >= 0
-    tokens[rows[has_digit], depth[has_digit]] = vocab.digit_offset + digit[has_digit]
-    tokens[rows, depth + has_digit] = EOS
+    tokens = token_rows(codes, depth, digit, vocab)
     return SIDTable(
         item_ids=item_ids,
         segments=np.asarray(segments, dtype=np.int8),
@@ -207,6 +205,27 @@ def build_sid_table(
         threshold=threshold,
         digit_overflow_items=int(((digit == vocab.digit_vocab - 1) & (bucket_size > 1)).sum()),
     )
+
+
+def token_rows(codes: np.ndarray, depth: np.ndarray, digit: np.ndarray, vocab: SIDVocabulary) -> np.ndarray:
+    """(N, L + 2) int64 token rows: the first ``depth`` codes of each item, its digit (if >= 0), EOS, PAD-filled."""
+    n, levels = codes.shape
+    tokens = np.full((n, levels + 2), PAD, dtype=np.int64)
+    keep = np.arange(levels)[None, :] < depth[:, None]
+    tokens[:, :levels] = np.where(keep, vocab.level_offsets[None, :] + codes, PAD)
+    rows = np.arange(n)
+    has_digit = digit >= 0
+    tokens[rows[has_digit], depth[has_digit]] = vocab.digit_offset + digit[has_digit]
+    tokens[rows, depth + has_digit] = EOS
+    return tokens
+
+
+def code_path_tokens(codes: np.ndarray, digit: np.ndarray, vocab: SIDVocabulary) -> np.ndarray:
+    """(N, L + 2) every item's full code path as tokens: all L code levels whatever its SID keeps,
+    its digit if it has one, EOS. What the retriever reads of an item (its history input and dense
+    item vector): a SARQ-shortened SID names a bucket, while the path still tells its items apart.
+    For fixed-length IDs the path is the SID."""
+    return token_rows(codes, np.full(len(codes), codes.shape[1]), digit, vocab)
 
 
 def rank_within_groups(groups: np.ndarray, popularity: np.ndarray, item_ids: np.ndarray) -> np.ndarray:

@@ -106,12 +106,15 @@ class CandidateGenerator:
         user_offset: int,
         user_buckets: int,
         device: torch.device | str = "cpu",
+        path_tokens: np.ndarray | None = None,
     ) -> None:
+        """``path_tokens``: every item's full code path (:class:`ItemFeatures`); None when every SID is one."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.item_embeddings = torch.as_tensor(item_embeddings, device=self.device)
         content = self.item_embeddings if model.config.item_content_dim else None
-        self.items = ItemFeatures(torch.as_tensor(sid_tokens, device=self.device), content)
+        path = None if path_tokens is None else torch.as_tensor(path_tokens, device=self.device)
+        self.items = ItemFeatures(torch.as_tensor(sid_tokens, device=self.device), content, path)
         self.trie = trie.to(self.device)
         self.sids = sids.to(self.device)
         self.config = config

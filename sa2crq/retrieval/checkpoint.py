@@ -17,9 +17,11 @@ from sa2crq.storage.filesystem import PathLike
 from sa2crq.storage.published import PublishedVersion
 
 KIND = "generative-retriever"
-# How the encoder attends over history items; a checkpoint trained otherwise (bidirectionally, by
-# releases before it was recorded) would load without error and rank differently, so it is refused.
-ENCODER_ATTENTION = "item-causal"
+# How the retriever reads its input: its encoder attends causally over history items, and it reads
+# each item's full code path. A checkpoint trained otherwise (by releases before these were
+# recorded: bidirectionally, or reading SIDs) would load without error and rank differently, so it
+# is refused.
+INPUT_FORMAT = {"encoder_attention": "item-causal", "item_tokens": "full-code-path"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ def save_retriever(directory: PathLike, model: GenerativeRetriever, *, sid_versi
     save_checkpoint(
         directory,
         dict(model.state_dict()),
-        {"kind": KIND, "encoder_attention": ENCODER_ATTENTION, "model_config": model.config.to_dict(), "sid_version": sid_version, **meta},
+        {"kind": KIND, **INPUT_FORMAT, "model_config": model.config.to_dict(), "sid_version": sid_version, **meta},
     )
 
 
@@ -51,15 +53,17 @@ def load_published_retriever(version: PublishedVersion) -> RetrieverCheckpoint:
 def _retriever(tensors: dict, meta: dict[str, Any], *, where: str) -> RetrieverCheckpoint:
     if meta.get("kind") != KIND:
         raise ValueError(f"{where}: checkpoint of kind {meta.get('kind')!r}, not a {KIND}")
-    if meta.get("encoder_attention") != ENCODER_ATTENTION:
-        raise ValueError(
-            f"{where}: retriever trained with a {meta.get('encoder_attention', 'bidirectional')} encoder; this release reads "
-            f"{ENCODER_ATTENTION} ones: retrain it (sa2crq train-retriever)"
-        )
+    for key, expected in INPUT_FORMAT.items():
+        if meta.get(key) != expected:
+            raise ValueError(
+                f"{where}: retriever trained with {key} {meta.get(key, 'unrecorded (an earlier release)')}; this release "
+                f"reads {key} {expected}: retrain it (sa2crq train-retriever)"
+            )
     model = GenerativeRetriever(RetrieverConfig.from_dict(meta.pop("model_config")))
     model.load_state_dict(tensors)
     model.eval()
     meta.pop("kind")
-    meta.pop("encoder_attention")
+    for key in INPUT_FORMAT:
+        meta.pop(key)
     meta.pop("format_version", None)
     return RetrieverCheckpoint(model, meta.pop("sid_version"), meta)

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sa2crq.data.columns import index_ranges, list_matrix
+from sa2crq.ids.sid_table import SIDVocabulary, code_path_tokens
 from sa2crq.ids.trie import EOS, PAD
 
 
@@ -210,19 +211,30 @@ def sid_token_matrix(sid: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return tokens
 
 
+def path_token_matrix(sid_table: pa.Table, vocab: SIDVocabulary) -> np.ndarray:
+    """(N, L + 2) every item's full code path as tokens (:func:`sa2crq.ids.sid_table.code_path_tokens`)
+    from the SID table's ``codes`` and ``digit`` columns, row i = item i of the table."""
+    codes = sid_table.column("codes").combine_chunks()
+    levels = codes.type.list_size
+    flat = pc.list_flatten(codes).to_numpy(zero_copy_only=False).astype(np.int64)
+    digit = sid_table.column("digit").to_numpy(zero_copy_only=False).astype(np.int64)
+    return code_path_tokens(flat.reshape(len(sid_table), levels), digit, vocab)
+
+
 @dataclass(frozen=True, eq=False)
 class TrainingData:
     """What retriever training needs, in the benchmark's layout: history or query requests."""
 
     sid_tokens: np.ndarray  # (N, T) token rows, row i = item i of the SID table
+    path_tokens: np.ndarray  # (N, L + 2) every item's full code path, same rows
     train: Requests  # histories: every position of every training sequence; queries: one per query row
     valid: Requests  # one per validation row (histories: the user's training sequence before it)
     # Rows left out because their item is not in the SID table, per input.
     off_catalog: dict[str, int]
 
 
-def history_training_data(sid_table: pa.Table, train: pa.Table, valid: pa.Table, max_history: int) -> TrainingData:
-    """From a SID table (``item_id``, ``sid``) and training / validation interactions (``user_id``,
+def history_training_data(sid_table: pa.Table, vocab: SIDVocabulary, train: pa.Table, valid: pa.Table, max_history: int) -> TrainingData:
+    """From a SID table (``item_id``, ``sid``, ``codes``, ``digit``) of vocabulary ``vocab`` and training / validation interactions (``user_id``,
     ``item_id``, ``timestamp``). Interactions are sorted by (user, timestamp) here: parquet written by
     several writers need not keep the split's order. Interactions with items the SID table lacks
     (rejected by validation, or removed) are left out and counted."""
@@ -232,13 +244,14 @@ def history_training_data(sid_table: pa.Table, train: pa.Table, valid: pa.Table,
     train_seq = Sequences.from_interactions(train.sort_by(BY_USER_TIME), index)
     return TrainingData(
         sid_token_matrix(sid_table.column("sid")),
+        path_token_matrix(sid_table, vocab),
         training_requests(train_seq, max_history),
         evaluation_requests(train_seq, valid, index, max_history),
         {"train": train_off, "valid": valid_off},
     )
 
 
-def query_training_data(sid_table: pa.Table, train: pa.Table, valid: pa.Table, embed) -> TrainingData:
+def query_training_data(sid_table: pa.Table, vocab: SIDVocabulary, train: pa.Table, valid: pa.Table, embed) -> TrainingData:
     """From a SID table and training / validation query logs (``query_id``, ``query``, ``item_id``):
     one request per row, its query text embedded by ``embed(texts) -> (n, D)``. Rows whose item
     the SID table lacks are left out and counted."""
@@ -249,7 +262,10 @@ def query_training_data(sid_table: pa.Table, train: pa.Table, valid: pa.Table, e
     def requests(log: pa.Table) -> Requests:
         return query_requests(log, embed(log.column("query").to_pylist()), index)
 
-    return TrainingData(sid_token_matrix(sid_table.column("sid")), requests(train), requests(valid), {"train": train_off, "valid": valid_off})
+    return TrainingData(
+        sid_token_matrix(sid_table.column("sid")), path_token_matrix(sid_table, vocab), requests(train), requests(valid),
+        {"train": train_off, "valid": valid_off},
+    )  # fmt: skip
 
 
 BY_USER_TIME = [("user_id", "ascending"), ("timestamp", "ascending")]

@@ -281,25 +281,37 @@ def _memory_padding_bias(memory_mask: torch.Tensor, dtype: torch.dtype) -> torch
 
 @dataclass(frozen=True, eq=False)
 class ItemFeatures:
-    """What the retriever reads of every catalog item, addressed by dense index (the SID table row):
-    its SID tokens (N, T), EOS-terminated and PAD-filled, and, for a model with
-    ``item_content_dim``, its content embedding (N, item_content_dim)."""
+    """Every catalog item, addressed by dense index (the SID table row): its SID tokens (N, T),
+    EOS-terminated and PAD-filled (what training decodes); its full code path (N, T')
+    (:func:`sa2crq.ids.sid_table.code_path_tokens`: what the encoder reads of a history item and
+    the dense head's item vector is made of; None when every SID is its item's full path, as
+    fixed-length IDs are); and, for a model with ``item_content_dim``, its content embedding
+    (N, item_content_dim)."""
 
     tokens: torch.Tensor
     content: torch.Tensor | None = None
+    path_tokens: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2:
             raise ValueError(f"item tokens must be (N, T), got {tuple(self.tokens.shape)}")
+        if self.path_tokens is not None and (self.path_tokens.dim() != 2 or len(self.path_tokens) != len(self.tokens)):
+            raise ValueError(f"item path tokens must be (N={len(self.tokens)}, T), got {tuple(self.path_tokens.shape)}")
         if self.content is not None and (self.content.dim() != 2 or len(self.content) != len(self.tokens)):
             raise ValueError(f"item content must be (N={len(self.tokens)}, D), got {tuple(self.content.shape)}")
 
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def read_tokens(self) -> torch.Tensor:
+        """(N, T') the tokens the encoder and the dense head read of each item."""
+        return self.tokens if self.path_tokens is None else self.path_tokens
+
     def to(self, device: torch.device | str) -> "ItemFeatures":
         content = None if self.content is None else self.content.to(device=device, dtype=torch.float32)
-        return ItemFeatures(self.tokens.to(device), content)
+        path = None if self.path_tokens is None else self.path_tokens.to(device)
+        return ItemFeatures(self.tokens.to(device), content, path)
 
 
 class GenerativeRetriever(nn.Module):
@@ -337,11 +349,11 @@ class GenerativeRetriever(nn.Module):
     # -- encoder ---------------------------------------------------------------------------
     def item_vectors(self, items: ItemFeatures, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(*rows.shape, d_model) vectors of the items at dense indices ``rows`` (all items when None);
-        the vector of a negative index (padding) is zero. Mean of the SID code tokens' encoder
+        the vector of a negative index (padding) is zero. Mean of the code path tokens' encoder
         embeddings, plus the projected content embedding when the model reads content."""
         index = torch.arange(len(items), device=items.tokens.device) if rows is None else rows
         safe = index.clamp_min(0)
-        tokens = items.tokens[safe]
+        tokens = items.read_tokens[safe]
         codes = ((tokens != PAD) & (tokens != EOS)).to(self.encoder_embedding.weight.dtype)
         summed = (self.encoder_embedding(tokens) * codes[..., None]).sum(-2)
         vectors = summed / codes.sum(-1, keepdim=True).clamp_min(1.0)
@@ -356,10 +368,10 @@ class GenerativeRetriever(nn.Module):
 
     @staticmethod
     def _history_tokens(history: torch.Tensor, items: ItemFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) the history items' SID tokens, oldest item first, EOS kept (it ends each item, and
+        """(B, L) the history items' code path tokens, oldest item first, EOS kept (it ends each item, and
         the EOS positions learn better than without them), padding squeezed out to the right; and
         (B, L) the history slot (column of ``history``) each token belongs to, 0 at padding."""
-        rows = items.tokens[history.clamp_min(0)]  # (B, H, T)
+        rows = items.read_tokens[history.clamp_min(0)]  # (B, H, T)
         real = (history >= 0)[:, :, None] & (rows != PAD)
         tokens = rows.masked_fill(~real, PAD).flatten(1)
         slots = torch.arange(history.shape[1], device=history.device)[None, :, None].expand_as(rows).flatten(1)

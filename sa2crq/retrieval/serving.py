@@ -20,11 +20,12 @@ import pyarrow.compute as pc
 import torch
 
 from sa2crq.data.segments import segment_codes
+from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.ids.trie import META_FILE as TRIE_META_FILE
 from sa2crq.ids.trie import NODES_DIR, ROWS_DIR, SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
 from sa2crq.retrieval.checkpoint import load_published_retriever
-from sa2crq.retrieval.data import ItemIndex, Requests, embeddings_in_index_order, sid_token_matrix
+from sa2crq.retrieval.data import ItemIndex, Requests, embeddings_in_index_order, path_token_matrix, sid_token_matrix
 from sa2crq.retrieval.scorer import ItemSIDs, ScorerWeights
 from sa2crq.storage import layout
 from sa2crq.storage.published import PublishedVersion
@@ -40,6 +41,7 @@ class CatalogView:
 
     index: ItemIndex
     sid_tokens: np.ndarray  # (N, T)
+    path_tokens: np.ndarray  # (N, L + 2) every item's full code path
     segments: np.ndarray  # (N,) int8 segment codes
     embeddings: np.ndarray  # (N, D) float32, L2-normalised
     trie: SIDTrie
@@ -48,14 +50,17 @@ class CatalogView:
 def load_catalog_view(sids: PublishedVersion) -> CatalogView:
     """A published SID version's items in serving order, every file checked against its manifest."""
     # Rows sorted by item id: the one row order every serving artifact uses.
-    table = sids.read_parquet(layout.SID_TABLE, columns=["item_id", "sid", "segment"]).sort_by("item_id")
+    table = sids.read_parquet(layout.SID_TABLE, columns=["item_id", "sid", "codes", "digit", "segment"]).sort_by("item_id")
     index = ItemIndex(table.column("item_id").to_numpy(zero_copy_only=False))
     embeddings = embeddings_in_index_order(sids.read_parquet(layout.EMBEDDINGS, columns=["item_id", "embedding"]), index)
     trie = SIDTrie.from_stored(
         sids.read_json(f"{layout.TRIE}/{TRIE_META_FILE}"), sids.read_parquet(f"{layout.TRIE}/{NODES_DIR}"),
         sids.read_parquet(f"{layout.TRIE}/{ROWS_DIR}"), where=sids.file_url(layout.TRIE),
     )  # fmt: skip
-    return CatalogView(index, sid_token_matrix(table.column("sid")), segment_codes(table.column("segment")), embeddings, trie)
+    return CatalogView(
+        index, sid_token_matrix(table.column("sid")), path_token_matrix(table, SIDVocabulary.from_dict(sids.meta["vocab"])),
+        segment_codes(table.column("segment")), embeddings, trie,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,5 +178,6 @@ def load_server(sids: PublishedVersion, retriever: PublishedVersion, generation:
         user_offset=vocab_size,
         user_buckets=int(train["user_buckets"]),
         device=device,
+        path_tokens=catalog.path_tokens,
     )
     return Server(catalog, generator, int(train["max_history"]), sids.version)

@@ -45,17 +45,19 @@ class ManifestMismatchError(RuntimeError):
 class PublishedVersion:
     """The files of one published version as its manifest lists them (relative to the version's directory)."""
 
-    def __init__(self, url: str, version: str, files: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, url: str, version: str, files: dict[str, dict[str, Any]], meta: dict[str, Any] | None = None) -> None:
         self.url = url.rstrip("/")
         self.version = version
         self.files = files
+        self.meta = meta or {}  # what the publishing job recorded (a SID version: its vocabulary, ...)
         self._checked: set[str] = set()  # files this reader has found matching the manifest
         self._fs = None
 
     @classmethod
     def open(cls, publisher: Publisher, version: str) -> "PublishedVersion":
         """A published version of ``publisher``'s store; FileNotFoundError when no commit names it."""
-        return cls(publisher.version_url(version), version, publisher.manifest(version).files)
+        manifest = publisher.manifest(version)
+        return cls(publisher.version_url(version), version, manifest.files, manifest.meta)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs": None}  # a filesystem is resolved again in each process

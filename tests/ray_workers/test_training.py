@@ -15,7 +15,7 @@ from ray_workers.training import REPLICA_FINGERPRINTS, TrainRun, _replica_finger
 from sa2crq.config import SegmentConfig, SIDConfig
 from sa2crq.data.columns import list_column
 from sa2crq.data.segments import SEGMENT_NAMES, assign_segments
-from sa2crq.ids.sid_table import FIRST_CODE_TOKEN, assign_sids
+from sa2crq.ids.sid_table import FIRST_CODE_TOKEN, SIDVocabulary, assign_sids
 from sa2crq.ids.trie import PAD, SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig, validation_recall
 from sa2crq.retrieval.checkpoint import load_retriever
@@ -106,7 +106,7 @@ def _sid_table_and_interactions(tmp_path):
     write_parquet(table.to_arrow(), f"{sids.version_url(version)}/{layout.SID_TABLE}/part-0.parquet")
     # Shuffled: the workers must put the embeddings in the SID table's row order themselves.
     write_parquet(embedded.take(rng.permutation(n_items)), f"{sids.version_url(version)}/{layout.EMBEDDINGS}/part-0.parquet")
-    sids.publish(version, parent=None)
+    sids.publish(version, parent=None, meta={"vocab": table.vocab.to_dict()})
     paths = {"train": str(tmp_path / "train.parquet"), "valid": str(tmp_path / "valid.parquet")}
     write_parquet(interactions.filter(pa.array(~last)), paths["train"])
     write_parquet(interactions.filter(pa.array(last)), paths["valid"])
@@ -140,8 +140,9 @@ def test_fit_retriever_learns_and_checkpoints_the_best_model(ray_local, tmp_path
     assert checkpoint.meta["scorer"] == scorer and isinstance(ScorerWeights(**scorer), ScorerWeights)
     # The returned model is the best evaluation's: its loss over the whole validation set is the
     # loss the two ranks pooled over their halves at that evaluation...
-    data = history_training_data(paths["sid_version"].read_parquet(layout.SID_TABLE), read_parquet(paths["train"]), read_parquet(paths["valid"]),
-                                 train_config.max_history)  # fmt: skip
+    sid_version = paths["sid_version"]
+    data = history_training_data(sid_version.read_parquet(layout.SID_TABLE), SIDVocabulary.from_dict(sid_version.meta["vocab"]),
+                                 read_parquet(paths["train"]), read_parquet(paths["valid"]), train_config.max_history)  # fmt: skip
     full = validation_loss(model, data.valid, ItemFeatures(torch.as_tensor(data.sid_tokens)), train_config, user_offset=vocab)
     assert full == pytest.approx(history["best_valid_loss"], rel=1e-5)
     # ...and its Recall@10 over the whole validation set (each rank selected on its whole half) is the

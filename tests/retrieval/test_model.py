@@ -327,6 +327,31 @@ def test_item_features_validate_their_shapes():
     assert len(ITEMS) == len(ITEM_TOKENS)
     moved = ItemFeatures(ITEM_TOKENS, torch.zeros(len(ITEM_TOKENS), 4, dtype=torch.float64)).to("cpu")
     assert moved.content.dtype == torch.float32 and torch.equal(moved.tokens, ITEM_TOKENS)
+    with pytest.raises(ValueError, match="item path tokens must be"):
+        ItemFeatures(ITEM_TOKENS, path_tokens=ITEM_TOKENS[:-1])
+
+
+def test_the_encoder_and_dense_head_read_full_code_paths_not_sids():
+    """Items 1 and 5 share no SID here, but give them one short SID (a SARQ bucket) and distinct
+    paths: the encoder and the item vectors read the paths, so the two stay apart; SIDs
+    (``tokens``) are what training decodes, untouched."""
+    sids = ITEM_TOKENS.clone()
+    sids[5] = sids[1]  # one bucket: SID [5, EOS]
+    paths = torch.cat([ITEM_TOKENS, torch.full((len(ITEM_TOKENS), 1), PAD)], dim=1)
+    paths[1] = torch.tensor([5, 7, 10, EOS, PAD])
+    paths[5] = torch.tensor([5, 8, 2, EOS, PAD])
+    items = ItemFeatures(sids, path_tokens=paths)
+    m = tiny_model()
+    emb = m.encoder_embedding.weight
+    vectors = m.item_vectors(items)
+    torch.testing.assert_close(vectors[1], emb[[5, 7, 10]].mean(0))
+    torch.testing.assert_close(vectors[5], emb[[5, 8, 2]].mean(0))
+    torch.testing.assert_close(vectors, m.item_vectors(ItemFeatures(paths)))
+    history = torch.tensor([[0, 1], [0, 5]])
+    memory, mask = m.encode(history, items=items)
+    expected, _ = m.encode(history, items=ItemFeatures(paths))
+    torch.testing.assert_close(memory, expected)
+    assert not torch.allclose(memory[0], memory[1])  # bucket mates stay apart in the encoder
 
 
 def test_dense_head_scores_every_item_from_the_last_real_position():

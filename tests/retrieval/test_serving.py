@@ -40,7 +40,7 @@ def _publish_retriever(root, model, sid_version: str, meta: dict) -> PublishedVe
 
 
 @pytest.fixture(scope="module")
-def version(tmp_path_factory):
+def published(tmp_path_factory):
     """A published SID version as recode writes it (rows shuffled: serving must sort by item id) and a
     published retriever trained on it."""
     root = tmp_path_factory.mktemp("serving")
@@ -63,9 +63,26 @@ def version(tmp_path_factory):
         vocab_size=table.vocab.size, encoder_vocab_size=table.vocab.size + 10, d_model=16, num_heads=2, head_dim=8,
         d_ff=32, encoder_layers=1, decoder_layers=1,
     ))  # fmt: skip
-    sids.publish(name, parent=None)
+    sids.publish(name, parent=None, meta={"vocab": table.vocab.to_dict()})
     retriever = _publish_retriever(root, torch_model, name, {"train_config": {"user_buckets": 10, "max_history": 3}})
-    return PublishedVersion.open(sids, name), retriever
+    return PublishedVersion.open(sids, name), retriever, table
+
+
+@pytest.fixture()
+def version(published):
+    return published[:2]
+
+
+def test_serving_reads_every_items_full_code_path(published):
+    """The catalog a server reads holds each item's SID (what it generates) and its full code path
+    (what its encoder and dense head read), both in item-id order, from the published SID table."""
+    sids, retriever, table = published
+    server = load_server(sids, retriever, GenerationConfig(), device="cpu")
+    order = np.argsort(table.item_ids)
+    np.testing.assert_array_equal(server.catalog.sid_tokens, table.tokens[order][:, : server.catalog.sid_tokens.shape[1]])
+    np.testing.assert_array_equal(server.catalog.path_tokens, table.path_tokens[order])
+    assert (table.code_depth < LEVELS).any()  # some SIDs are short, so path and SID differ
+    np.testing.assert_array_equal(server.generator.items.read_tokens.numpy(), table.path_tokens[order])
 
 
 def test_a_retriever_is_refused_on_another_sid_version(version, tmp_path):
@@ -75,15 +92,17 @@ def test_a_retriever_is_refused_on_another_sid_version(version, tmp_path):
         load_server(sids, other, GenerationConfig(), device="cpu")
 
 
-def test_a_retriever_with_a_bidirectional_encoder_is_refused(version, tmp_path):
-    """Checkpoints from before the item-causal encoder would load and rank differently: refused."""
+@pytest.mark.parametrize("key", ["encoder_attention", "item_tokens"])
+def test_a_retriever_of_an_earlier_input_format_is_refused(version, tmp_path, key):
+    """Checkpoints from before the item-causal encoder, or reading SIDs instead of full code paths,
+    would load and rank differently: refused."""
     _, retriever = version
     old = tmp_path / "old"
     shutil.copytree(retriever.file_url(layout.RETRIEVER), old)
     meta = json.loads((old / META_FILE).read_text())
-    del meta["encoder_attention"]
+    del meta[key]
     (old / META_FILE).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="trained with a bidirectional encoder; this release reads item-causal ones: retrain"):
+    with pytest.raises(ValueError, match=f"trained with {key} unrecorded .an earlier release.; this release reads {key} .*: retrain"):
         load_retriever(str(old))
     assert load_published_retriever(retriever).sid_version == version[0].version
 
