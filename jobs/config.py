@@ -203,7 +203,7 @@ class GenerateConfig:
     # request_id + query (text). Each row group is a shard of work.
     requests: str = ""
     request_kind: str = "history"
-    out: str = ""  # candidate set location; committed shards there are skipped on rerun
+    out: str = ""  # the candidate store: a version per run, committed whole; a rerun reuses finished parts
     retriever_version: str | None = None  # None: the latest
     # The SID version served; None: the latest. It must be the one the retriever was trained on.
     sid_version: str | None = None

@@ -1,11 +1,15 @@
 """``sa2crq generate``: offline candidate generation with a published retriever (Ray Data).
 
 requests (parquet; each row group one shard) -> constrained beam search + the item scorer, in an
-actor pool -> ``OUT/parts/<shard>.parquet`` (``request_id``, ``item_ids``, ``scores``, the SID and
-retriever versions used). A shard's file appears complete or not at all, so a rerun skips the
-committed shards and does the rest. ``OUT/_RUN.json`` pins the versions of the candidate set: a
-rerun with other versions into the same ``out`` is refused, and so is a retriever trained on
-another SID version than the one served.
+actor pool -> ``OUT/versions/<v>/parts/<shard>.parquet`` (``request_id``, ``item_ids``, ``scores``,
+the SID and retriever versions used), committed as version ``v`` of the store ``OUT``
+(:class:`sa2crq.storage.publish.Publisher`: manifest, then commit), so a reader sees the whole
+candidate set or none of it. ``OUT/_RUN.json`` pins the run: the requests' content fingerprint
+(:func:`ray_workers.shards.input_fingerprint`), the retriever and SID versions, the request kind,
+the generation config, and the version being built. A rerun of the same run reuses the parts a
+killed or failed attempt finished (each appears complete or not at all) and commits, or does nothing
+once committed; a rerun of another run into the same ``out`` is refused, naming both. A retriever
+trained on another SID version than the one served is refused too.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ RUN_FILE = "_RUN.json"
 
 
 def run_generate(config: GenerateConfig) -> JobSummary:
-    from ray_workers.shards import map_shards
+    from ray_workers.shards import input_fingerprint, map_shards
     from ray_workers.stages import generate_stage
 
     storage = config.storage
@@ -53,12 +57,21 @@ def run_generate(config: GenerateConfig) -> JobSummary:
                 f"would be served: train a retriever on {sid_version}, or set sid_version={trained_on}"
             )
         out = config.out.rstrip("/")
-        run = {"retriever_version": retriever_version, "sid_version": sid_version, "request_kind": config.request_kind,
-               "generation": config.generation.to_dict()}  # fmt: skip
-        _pin_run(out, run)
+        candidates = Publisher(out)
+        run = {"requests": input_fingerprint(config.requests), "retriever_version": retriever_version, "sid_version": sid_version,
+               "request_kind": config.request_kind, "generation": config.generation.to_dict()}  # fmt: skip
+        version = _pin_run(candidates, run)
+        summary = JobSummary("generate", version=version)
+        if version in candidates.versions():
+            meta = candidates.manifest(version).meta
+            summary.add("candidates", candidates.version_url(version), meta["candidate_rows"])
+            summary.notes.append(f"{out} already holds version {version} of these candidates, committed by an earlier run: nothing to do")
+            summary.report = {**run, "version": version, "already_committed": True}
+            return summary
+        parts = f"{candidates.version_url(version)}/{PARTS}"
         started = time.perf_counter()
         result = map_shards(
-            config.requests, f"{out}/{PARTS}", generate_stage,
+            config.requests, parts, generate_stage,
             {
                 "sids": PublishedVersion.open(sids, sid_version), "retriever": PublishedVersion.open(retrievers, retriever_version),
                 "generation": config.generation.to_dict(),
@@ -67,30 +80,51 @@ def run_generate(config: GenerateConfig) -> JobSummary:
             desc="generate", **config.ray.actor_pool,
         )  # fmt: skip
         seconds = time.perf_counter() - started
-        if result.rows_in != result.rows_out:
-            raise RuntimeError(f"generate: {result.rows_in} requests in but {result.rows_out} candidate rows out")
-        summary = JobSummary("generate", publishes=False)
-        summary.add("candidates", f"{out}/{PARTS}", result.rows_out)
+        # Over every part, this run's and an earlier attempt's: the version holds them all.
+        requests_in, candidate_rows = _parquet_rows(config.requests), _parquet_rows(parts)
+        if requests_in != candidate_rows:
+            raise RuntimeError(f"generate: {requests_in} requests in but {candidate_rows} candidate rows out")
+        meta = {"job": "generate", **run, "requests_in": requests_in, "candidate_rows": candidate_rows, "shards": result.shards_total}
+        candidates.publish(version, parent=None, meta=meta)  # the manifest, then the commit: readers see all parts or none
+        summary.published = True
+        summary.add("candidates", candidates.version_url(version), candidate_rows)
         summary.notes.append(
-            f"{result.shards_done} shards written, {result.shards_skipped} already committed and skipped "
+            f"{result.shards_done} shards written, {result.shards_skipped} already written by an earlier attempt and reused "
             f"(of {result.shards_total}); retriever {retriever_version} on SID version {sid_version}; "
             f"{seconds:.1f} s for the Ray Data stage (actor start-up, reads and writes included)"
         )
-        summary.report = {**run, "shards": result.shards_total, "shards_done": result.shards_done,
-                          "shards_skipped": result.shards_skipped, "rows_written": result.rows_out,
-                          "stage_seconds": round(seconds, 2)}  # fmt: skip
+        summary.report = {**meta, "version": version, "shards_done": result.shards_done,
+                          "shards_skipped": result.shards_skipped, "stage_seconds": round(seconds, 2)}  # fmt: skip
         return summary
 
 
-def _pin_run(out: str, run: dict) -> None:
-    """Record the versions of this candidate set, or check them against the ones recorded."""
-    fs, path = resolve_filesystem(f"{out}/{RUN_FILE}")
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        pinned = read_json(f"{out}/{RUN_FILE}")
-        if pinned != run:
-            raise VersionMismatchError(
-                f"{out} already holds candidates from {pinned['retriever_version']} on SID version {pinned['sid_version']} "
-                f"(kind {pinned['request_kind']}): write these to another out, or delete it"
-            )
-        return
-    write_json(f"{out}/{RUN_FILE}", run)
+def _pin_run(candidates: Publisher, run: dict) -> str:
+    """The version this run builds under ``OUT``: the pinned one when ``OUT/_RUN.json`` records the
+    same run (its finished parts are reused, or it is already committed), else a new one, pinned.
+    A pin of another run is refused: its parts and these would mix."""
+    pin = f"{candidates.root_url}/{RUN_FILE}"
+    fs, path = resolve_filesystem(pin)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        version = candidates.new_version()
+        write_json(pin, {**run, "version": version})
+        return version
+    pinned = read_json(pin)
+    version = pinned.pop("version", None)  # a pin written before versions were committed has none
+    if pinned != run:
+        state = "committed" if version in candidates.versions() else "not committed yet"
+        raise VersionMismatchError(
+            f"{candidates.root_url} holds candidate version {version} ({state}) for requests {pinned.get('requests')} "
+            f"from retriever {pinned['retriever_version']} on SID version {pinned['sid_version']} (kind {pinned['request_kind']}, "
+            f"generation {pinned['generation']}); this run has requests {run['requests']} from retriever {run['retriever_version']} "
+            f"on SID version {run['sid_version']} (kind {run['request_kind']}, generation {run['generation']}): "
+            f"write these candidates to a new out, or delete {candidates.root_url}"
+        )
+    return version
+
+
+def _parquet_rows(url: str) -> int:
+    """Rows of the parquet files under ``url`` (a directory or one file), from their footers."""
+    import pyarrow.dataset as ds
+
+    fs, path = resolve_filesystem(url)
+    return ds.dataset(path, filesystem=fs, format="parquet").count_rows()

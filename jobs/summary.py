@@ -20,7 +20,7 @@ class JobSummary:
     job: str
     version: str | None = None  # the version published, if any
     published: bool = False
-    publishes: bool = True  # False for jobs that write outputs but no version (generate, evaluate)
+    publishes: bool = True  # False for jobs that write outputs but no version (evaluate)
     outputs: list[Output] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)

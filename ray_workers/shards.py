@@ -19,6 +19,7 @@ driver's at ``ray.init``), not the driver's current one, so jobs set them before
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import posixpath
 import time
@@ -34,8 +35,9 @@ import ray
 import ray.data
 
 from sa2crq.storage.filesystem import resolve_filesystem
+from sa2crq.storage.publish import stream_sha256
 
-__all__ = ["Shard", "ShardRunResult", "list_shards", "map_shards"]
+__all__ = ["Shard", "ShardRunResult", "input_fingerprint", "list_shards", "map_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +71,7 @@ def list_shards(url: str) -> list[Shard]:
     Files or directories whose name starts with ``.`` or ``_`` are skipped, as pyarrow datasets skip
     them (temporaries, ``_SUCCESS``, Spark's ``_temporary/``). Only file footers are read.
     """
-    fs, root = resolve_filesystem(url)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no parquet input at {url}")
-    if info.type == pafs.FileType.File:
-        base, files = posixpath.dirname(root), [root]
-    else:
-        base = root
-        found = [f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
-        files = [p for p in found if p.endswith(PARQUET_SUFFIX) and not _hidden(posixpath.relpath(p, base))]
+    fs, base, files = _input_files(url)
     shards = []
     for path in files:
         stem = posixpath.relpath(path, base)[: -len(PARQUET_SUFFIX)].replace("/", "-")
@@ -90,6 +83,31 @@ def list_shards(url: str) -> list[Shard]:
     if len(set(names)) != len(names):
         raise ValueError(f"{url}: two input files map to the same shard name (e.g. 'a-b.parquet' and 'a/b.parquet')")
     return shards
+
+
+def input_fingerprint(url: str) -> str:
+    """Content fingerprint of the parquet input :func:`list_shards` reads: ``sha256:`` + the sha256
+    of one line per file, in sorted path order, of its path under ``url``, its size and the sha256
+    of its bytes. Paths count because shard (and output) names come from them. Reads every byte once."""
+    fs, base, files = _input_files(url)
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: posixpath.relpath(p, base)):
+        with fs.open_input_stream(path) as stream:
+            size, sha256 = stream_sha256(stream)
+        digest.update(f"{posixpath.relpath(path, base)}\t{size}\t{sha256}\n".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _input_files(url: str) -> tuple[pafs.FileSystem, str, list[str]]:
+    """The filesystem, base directory and parquet files of ``url`` (a directory, or one file)."""
+    fs, root = resolve_filesystem(url)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no parquet input at {url}")
+    if info.type == pafs.FileType.File:
+        return fs, posixpath.dirname(root), [root]
+    found = [f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
+    return fs, root, [p for p in found if p.endswith(PARQUET_SUFFIX) and not _hidden(posixpath.relpath(p, root))]
 
 
 def map_shards(

@@ -214,11 +214,10 @@ def sid_token_matrix(sid: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def path_token_matrix(sid_table: pa.Table, vocab: SIDVocabulary) -> np.ndarray:
     """(N, L + 2) every item's full code path as tokens (:func:`sa2crq.ids.sid_table.code_path_tokens`)
     from the SID table's ``codes`` and ``digit`` columns, row i = item i of the table."""
-    codes = sid_table.column("codes").combine_chunks()
-    levels = codes.type.list_size
-    flat = pc.list_flatten(codes).to_numpy(zero_copy_only=False).astype(np.int64)
+    # Full-depth codes, one per level; Spark writes them as a variable-size list, the library as fixed-size.
+    flat = pc.list_flatten(sid_table.column("codes")).to_numpy(zero_copy_only=False).astype(np.int64)
     digit = sid_table.column("digit").to_numpy(zero_copy_only=False).astype(np.int64)
-    return code_path_tokens(flat.reshape(len(sid_table), levels), digit, vocab)
+    return code_path_tokens(flat.reshape(len(sid_table), len(vocab.codebook_sizes)), digit, vocab)
 
 
 @dataclass(frozen=True, eq=False)

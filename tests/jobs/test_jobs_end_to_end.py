@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from jobs.generate import PARTS, run_generate
 from jobs.ingest import run_ingest
 from jobs.recode import ChurnLimitExceeded, run_recode
 from jobs.train_retriever import run_train_retriever
+from ray_workers.shards import input_fingerprint
 from sa2crq.data.segments import segment_codes
 from sa2crq.data.splits import history_requests
 from sa2crq.retrieval.data import synthetic_queries
@@ -92,6 +94,12 @@ def data(tmp_path_factory) -> dict[str, str]:
 def _recode(data: dict[str, str], **overrides):
     config = load_job_config("recode", None, _assign({"items": data["items"], "interactions": data["train"], "tokenizer": TOKENIZER, **overrides}))
     return config
+
+
+def _candidates(out: str) -> pa.Table:
+    """The committed candidate set under ``out``, read through its manifest."""
+    store = Publisher(out)
+    return PublishedVersion.open(store, store.latest()).read_parquet(PARTS)
 
 
 def _sid_table(version: str) -> pa.Table:
@@ -169,7 +177,7 @@ def _new_version_dirs(fs, known: list[str]) -> list[str]:
     return [p for p in fs.find(base, withdirs=True) if p.count("/") == 5 and p.split("/")[4] not in known]
 
 
-def test_train_generate_resume_and_evaluate(data):
+def test_train_generate_resume_and_evaluate(data, tmp_path):
     trained = run_train_retriever(load_job_config("train-retriever", None, _assign({
         "interactions": data["train"], "valid": data["valid"],
         "model": {"d_model": 16, "num_heads": 2, "head_dim": 8, "d_ff": 32, "encoder_layers": 1, "decoder_layers": 1},
@@ -181,8 +189,14 @@ def test_train_generate_resume_and_evaluate(data):
     out = f"{ROOT}/candidates/test"
     generate = load_job_config("generate", None, _assign({"requests": data["requests"], "out": out, "generation": {"beam_width": 5, "k": 10}}))
     first = run_generate(generate)
-    assert first.report["shards"] == 3 and first.report["shards_done"] == 3
-    candidates = read_parquet(f"{out}/{PARTS}")
+    assert first.published and first.report["shards"] == 3 and first.report["shards_done"] == 3
+    store = Publisher(out)
+    assert store.versions() == [first.version]
+    meta = store.manifest(first.version).meta
+    fingerprint = input_fingerprint(data["requests"])
+    assert (meta["requests"], meta["requests_in"], meta["candidate_rows"]) == (fingerprint, 150, 150)
+    assert (meta["retriever_version"], meta["sid_version"]) == (trained.version, sid_version)
+    candidates = _candidates(out)
     assert candidates.num_rows == 150
     assert set(candidates.column("sid_version").to_pylist()) == {sid_version}
     lengths = pc.list_value_length(candidates.column("item_ids")).to_numpy()
@@ -190,13 +204,31 @@ def test_train_generate_resume_and_evaluate(data):
     assert (lengths >= 1).all() and (lengths <= 10).all() and lengths.mean() > 8
     assert pc.list_value_length(candidates.column("scores")).equals(pc.list_value_length(candidates.column("item_ids")))
 
-    # Resume: a lost shard is redone, the committed ones are skipped, the result is the same.
+    # The same run again: already committed, nothing written.
+    again = run_generate(generate)
+    assert not again.published and again.report["already_committed"] and store.versions() == [first.version]
+
+    # What a generate killed before its commit leaves (parts, one of them lost, no commit) is no version...
     fs = fsspec.filesystem("s3", use_listings_cache=False)
-    lost = sorted(fs.ls(out.removeprefix("s3://") + f"/{PARTS}"))[1]
-    fs.rm(lost)
-    second = run_generate(generate)
-    assert (second.report["shards_done"], second.report["shards_skipped"]) == (1, 2)
-    assert read_parquet(f"{out}/{PARTS}").sort_by("request_id").equals(candidates.sort_by("request_id"))
+    base = out.removeprefix("s3://")
+    fs.rm(f"{base}/_commits", recursive=True)
+    fs.rm(f"{base}/LATEST")
+    fs.rm(sorted(fs.ls(f"{base}/versions/{first.version}/{PARTS}"))[1])
+    assert Publisher(out).versions() == [] and Publisher(out).latest() is None
+    # ...and its rerun reuses the finished parts, redoes the lost one and commits the same candidates.
+    resumed = run_generate(generate)
+    assert resumed.published and resumed.version == first.version
+    assert (resumed.report["shards_done"], resumed.report["shards_skipped"]) == (1, 2)
+    assert _candidates(out).sort_by("request_id").equals(candidates.sort_by("request_id"))
+
+    # Other requests into the same out are refused, naming both fingerprints; the version stays.
+    other = str(tmp_path / "other-requests.parquet")
+    pq.write_table(pq.read_table(data["requests"]).slice(0, 100), other, row_group_size=50)
+    changed = load_job_config("generate", None, _assign({"requests": other, "out": out, "generation": {"beam_width": 5, "k": 10}}))
+    pattern = f"requests {re.escape(fingerprint)} .*this run has requests {re.escape(input_fingerprint(other))} .*write these candidates to a new out"
+    with pytest.raises(VersionMismatchError, match=pattern):
+        run_generate(changed)
+    assert Publisher(out).versions() == [first.version]
 
     evaluated = run_evaluate(load_job_config("evaluate", None, [f"{k}={v}" for k, v in {
         "history": data["history"], "targets": data["test"], "storage.root": ROOT, "generation.beam_width": 5,
@@ -350,7 +382,7 @@ def test_query_retriever_trains_on_a_query_log_and_generates_for_queries(data, t
     done = run_generate(load_job_config("generate", None, _assign({
         "requests": paths["requests"], "request_kind": "query", "out": out, **cache, "generation": {"beam_width": 5, "k": 5},
     })))  # fmt: skip
-    candidates = read_parquet(f"{out}/{PARTS}")
+    candidates = _candidates(out)
     assert done.report["shards"] == 2 and candidates.num_rows == 30
     assert (pc.list_value_length(candidates.column("item_ids")).to_numpy() >= 1).all()
     # A history request set cannot be served by a query retriever.

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
 
-from ray_workers.shards import Shard, list_shards, map_shards
+from ray_workers.shards import Shard, input_fingerprint, list_shards, map_shards
 
 # (relative path, rows, rows per row group) of the input files; the hidden ones must be ignored.
 LAYOUT = [("part-0.parquet", 25, 10), ("part-1.parquet", 7, 10), ("more/part-0.parquet", 12, 4)]
@@ -85,6 +85,19 @@ def test_list_shards_names_every_row_group_stably_and_in_order(tmp_path):
     assert [s.name for s in list_shards(str(tmp_path / "part-1.parquet"))] == ["part-1-rg00000"]
     with pytest.raises(FileNotFoundError):
         list_shards(str(tmp_path / "missing"))
+
+
+def test_input_fingerprint_covers_the_content_and_paths_list_shards_reads(tmp_path):
+    _write_inputs(_write_local(tmp_path / "a"))
+    _write_inputs(_write_local(tmp_path / "b"))
+    fingerprint = input_fingerprint(str(tmp_path / "a"))
+    assert fingerprint.startswith("sha256:") and fingerprint == input_fingerprint(str(tmp_path / "b"))  # where it lies does not count
+    (tmp_path / "a" / "_SUCCESS").write_bytes(b"marker")  # hidden files are not input
+    assert input_fingerprint(str(tmp_path / "a")) == fingerprint
+    pq.write_table(_items(0, 25).set_column(1, "value", pa.array(np.zeros(25, np.int64))), tmp_path / "b" / "part-0.parquet", row_group_size=10)
+    assert input_fingerprint(str(tmp_path / "b")) != fingerprint  # one file's content changed
+    (tmp_path / "a" / "more").rename(tmp_path / "a" / "other")
+    assert input_fingerprint(str(tmp_path / "a")) != fingerprint  # same bytes, other shard names
 
 
 @pytest.mark.timeout(180)
