@@ -26,7 +26,7 @@ from sa2crq.retrieval.training import RetrieverTrainConfig
 TUNING_GRID: dict[str, tuple[float, ...]] = {
     "temperature": (0.02, 0.05, 0.1, 0.2),
     "dense_weight": (0.0, 0.25, 0.5, 1.0, 2.0),
-    "content_weight": (0.0, 2.0, 5.0, 10.0, 20.0, 40.0),
+    "content_weight": (0.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0),
     "dense_candidates": (0, 20, 50, 200),
 }
 
