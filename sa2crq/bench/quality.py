@@ -3,8 +3,9 @@
 Run 1: plain leave-one-out (last item test, second-last validation), full-catalog ranking, hits at
 item level, comparable with published numbers. Run 2: a seeded 10% of items held out of training
 (cold start), evaluated on users whose test target is held out, its item scorer tuned on the
-validation users whose target is held out; its numbers are reported only as cold R@10. Popularity, segments and SIDs see each run's training interactions only. Every variant
-gets the same retriever shape, training budget (epochs and optimiser steps), beam width and item
+validation users whose target is held out; its numbers are reported only as cold R@10.
+Popularity, segments and SIDs see each run's training interactions only. Every variant gets the
+same retriever shape, training budget (epochs and optimiser steps), beam width and item
 scorer; items in the request's history (training items, plus the validation item for test
 requests) are excluded from every top-K. The dense k-NN row ranks items by the cosine similarity
 of the request embedding (the last history item's text embedding, as the scorer uses).

@@ -233,8 +233,8 @@ class TrainingData:
 
 
 def history_training_data(sid_table: pa.Table, vocab: SIDVocabulary, train: pa.Table, valid: pa.Table, max_history: int) -> TrainingData:
-    """From a SID table (``item_id``, ``sid``, ``codes``, ``digit``) of vocabulary ``vocab`` and training / validation interactions (``user_id``,
-    ``item_id``, ``timestamp``). Interactions are sorted by (user, timestamp) here: parquet written by
+    """From a SID table (``item_id``, ``sid``, ``codes``, ``digit``) of vocabulary ``vocab`` and
+    training / validation interactions (``user_id``, ``item_id``, ``timestamp``). Interactions are sorted by (user, timestamp) here: parquet written by
     several writers need not keep the split's order. Interactions with items the SID table lacks
     (rejected by validation, or removed) are left out and counted."""
     index = ItemIndex(sid_table.column("item_id").to_numpy(zero_copy_only=False))
