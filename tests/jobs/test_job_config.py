@@ -53,7 +53,7 @@ def test_config_file_errors_name_the_file_and_the_rule(tmp_path):
         load_job_config("train-retriever", str(typo), [])
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(TRAIN))
-    with pytest.raises(ValueError, match=r"retriever schedule must be one of \('constant', 'cosine'\), got 'linear' \(config: defaults < .*good.yaml < --set\)"):
+    with pytest.raises(ValueError, match=r"retriever schedule must be one of \('constant', 'cosine', 'stable-decay'\), got 'linear' \(config: defaults < .*good.yaml < --set\)"):
         load_job_config("train-retriever", str(good), ["train.schedule=linear"])
 
 
