@@ -258,7 +258,8 @@ def train_retriever(
         if len(resume.generators) != distributed.world_size():
             raise ValueError(f"a training state of {len(resume.generators)} ranks cannot resume on {distributed.world_size()}")
         model.load_state_dict(resume.model)
-        optimiser.load_state_dict(resume.optimiser)
+        # A copy: the optimiser would otherwise take the state's tensors as its own and update them in place.
+        optimiser.load_state_dict(copy.deepcopy(resume.optimiser))
         schedule.load_state_dict(resume.scheduler)
         epoch_rng, current_rng, dropout_rng = resume.generators[distributed.rank()]
         # The current epoch's order, drawn again from the generator as it was when the epoch began.

@@ -196,7 +196,7 @@ def test_fit_retriever_resumes_from_the_last_evaluation_when_a_worker_dies(ray_l
     from ray._private.state import actors  # the GCS's actor table: works without the dashboard
 
     vocab, paths, _ = _sid_table_and_interactions(tmp_path)
-    epochs = 12  # one step and one evaluation an epoch: the run outlasts the kill
+    epochs = 12  # an evaluation (and a training state) an epoch: the run outlasts the kill after the third
     train_config = replace(TRAIN_CONFIG, epochs=epochs, patience=epochs)
     run = TrainRun(name=f"retriever-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "runs"), cpus_per_worker=WORKER_CPUS,
                    max_failures=1)  # fmt: skip

@@ -161,6 +161,10 @@ def test_training_is_deterministic_under_a_seed():
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
+def _without_timings(curve: list[dict]) -> list[dict]:
+    return [{k: v for k, v in point.items() if k != "train_seconds"} for point in curve]
+
+
 def test_a_run_resumed_from_an_evaluations_state_ends_as_the_uninterrupted_run(tmp_path):
     """Each evaluation's state, stored as safetensors + JSON, takes a fresh model to the end of the
     same run: mid-epoch (the epoch's order drawn again), with dropout and sampled dense negatives."""
@@ -176,9 +180,6 @@ def test_a_run_resumed_from_an_evaluations_state_ends_as_the_uninterrupted_run(t
         history = train_retriever(model, requests, requests, items, config, user_offset=20, on_evaluation=states.append, resume=resume)
         return model.state_dict(), history, states
 
-    def without_timings(curve: list[dict]) -> list[dict]:
-        return [{k: v for k, v in point.items() if k != "train_seconds"} for point in curve]
-
     weights, history, states = run(seed=0)
     assert [state.steps for state in states] == [3, 6, 9, 12] and history["resumed_at"] == []
     for state in states:
@@ -191,10 +192,35 @@ def test_a_run_resumed_from_an_evaluations_state_ends_as_the_uninterrupted_run(t
         # Another initialisation: everything the run continues with comes from the state.
         resumed_weights, resumed, later_states = run(seed=1, resume=stored)
         assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights), f"resumed at step {state.steps}"
-        assert without_timings(resumed["curve"]) == without_timings(history["curve"])
+        assert _without_timings(resumed["curve"]) == _without_timings(history["curve"])
         assert (resumed["best_step"], resumed["steps"], resumed["examples"]) == (history["best_step"], history["steps"], history["examples"])
         assert resumed["resumed_at"] == [state.steps]
         assert [s.steps for s in later_states] == [s.steps for s in states if s.steps > state.steps]
+
+
+def test_a_resumed_run_keeps_the_patience_it_had_spent():
+    requests, items = _data()
+    metrics = [0.1, 0.3, 0.2, 0.15, 0.9]  # patience 2: stops after the 4th evaluation, the 2nd the best
+    config = RetrieverTrainConfig(epochs=20, batch_size=16, warmup_steps=0, max_history=4, user_buckets=8, eval_every_steps=1,
+                                  patience=2, seed=0)  # fmt: skip
+
+    def run(resume=None):
+        scripted = iter(metrics[len(resume.curve) if resume else 0 :])
+        torch.manual_seed(0)
+        model = GenerativeRetriever(RetrieverConfig(**TINY))
+        states = []
+        history = train_retriever(model, requests, requests, items, config, user_offset=20, select=lambda _: next(scripted),
+                                  on_evaluation=states.append, resume=resume)  # fmt: skip
+        return model.state_dict(), history, states
+
+    weights, history, states = run()
+    assert [s.steps for s in states] == [1, 2, 3, 4] and history["steps"] == 4 and history["best_step"] == 2
+    # After the 3rd evaluation one more is due; after the 4th the patience is spent and nothing is trained.
+    for state in states[2:]:
+        resumed_weights, resumed, _ = run(resume=state)
+        assert (resumed["steps"], resumed["best_step"]) == (4, 2)
+        assert _without_timings(resumed["curve"]) == _without_timings(history["curve"])
+        assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights)
 
 
 def test_a_training_state_resumes_only_on_as_many_ranks():
