@@ -125,7 +125,7 @@ class TrainingState:
     generators: torch.Tensor
     steps: int
     examples: int  # targets trained on, over all ranks
-    # Rank 0's timings: every rank resumes with them.
+    # Rank 0's timings and curve (its training losses are rank 0's): every rank resumes with them.
     train_seconds: float
     seconds: float
     curve: list[dict]
@@ -261,7 +261,8 @@ def train_retriever(
         # A copy: the optimiser would otherwise take the state's tensors as its own and update them in place.
         optimiser.load_state_dict(copy.deepcopy(resume.optimiser))
         schedule.load_state_dict(resume.scheduler)
-        epoch_rng, current_rng, dropout_rng = resume.generators[distributed.rank()]
+        # Fresh tensors: set_state on a row of the loaded tensor itself crashed the process (torch 2.13).
+        epoch_rng, current_rng, dropout_rng = (state.clone() for state in resume.generators[distributed.rank()])
         # The current epoch's order, drawn again from the generator as it was when the epoch began.
         generator.set_state(epoch_rng)
         order = torch.randperm(max(len(train), 1), generator=generator).numpy()

@@ -84,8 +84,8 @@ def _resume_worker(rank: int, store: str, out_dir: str) -> None:
         resumed, resumed_history = _train(rank, config, init_seed=1, resume=load_training_state(directory))
         weights, resumed_weights = model.state_dict(), resumed.state_dict()
 
-        def curve(h: dict) -> list:
-            return [[p["step"], p["examples"], p["train_loss"], p["valid_loss"], p["metric"]] for p in h["curve"]]
+        def curve(h: dict) -> list:  # the values pooled over ranks (the state's train losses are rank 0's)
+            return [[p["step"], p["examples"], p["valid_loss"], p["metric"]] for p in h["curve"]]
 
         result = {
             "state_steps": [state.steps for state in states], "resumed_at": resumed_history["resumed_at"],
