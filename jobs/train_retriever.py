@@ -77,6 +77,8 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
             f"examples/s, best step {history['best_step']} of {history['steps']} (validation Recall@10 "
             f"{history['best_metric']:.4f}{'' if history['converged'] else ', not converged'}), scorer tuned to {scorer}"
         )
+        if history["resumed_at"]:
+            summary.notes.append(f"training workers failed and resumed from the evaluations at steps {history['resumed_at']}")
         return summary
 
 

@@ -1,12 +1,17 @@
 """Ray Train drivers for the library's data-parallel training: the tokenizer and the generative retriever.
 
 Ray Train v2 (the default in Ray 2.60) runs ``run.workers`` TorchTrainer workers in one gloo process
-group; the library's collectives (:mod:`sa2crq.distributed`) keep their replicas identical. Each
-run reports once, at the end (a report is a barrier across workers, and slow): rank 0 with the
+group; the library's collectives (:mod:`sa2crq.distributed`) keep their replicas identical. A run
+reports its model once, at the end (a report is a barrier across workers, and slow): rank 0 with the
 checkpoint, the others with metrics only. Ray keeps rank 0's metrics alone, so the ranks gather
 their replica fingerprints in the group first and the driver checks that they agree. The checkpoint lands at
 ``{run.storage_path}/{run.name}/{TOKENIZER_CHECKPOINT or RETRIEVER_CHECKPOINT}`` and the driver
 loads the model back from there.
+
+A failed worker (killed, out of memory, lost node) restarts the whole group, up to
+``run.max_failures`` times. The retriever's run reports its training state at every evaluation
+(``{RETRIEVER_STATE_CHECKPOINT}-{step}``, only the latest kept) and restarted workers resume from it;
+the tokenizer's run starts over.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from sa2crq.data.columns import list_matrix
 from sa2crq.data.segments import segment_codes
 from sa2crq.quantize.sample import in_sample, sample_fractions, sample_report
 from sa2crq.quantize.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
-from sa2crq.retrieval.checkpoint import load_retriever, save_retriever
+from sa2crq.retrieval.checkpoint import load_retriever, load_training_state, save_retriever, save_training_state
 from sa2crq.data.embed import TextEmbedder
 from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.ids.trie import PAD, SIDTrie
@@ -41,7 +46,7 @@ from sa2crq.retrieval.data import ItemIndex, embeddings_in_index_order, history_
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
 from sa2crq.retrieval.scorer import ItemSIDs
 from sa2crq.storage import layout
-from sa2crq.retrieval.training import RetrieverTrainConfig, train_retriever
+from sa2crq.retrieval.training import RetrieverTrainConfig, TrainingState, train_retriever
 from sa2crq.storage.filesystem import read_parquet, resolve_filesystem
 from sa2crq.storage.published import PublishedVersion
 
@@ -50,6 +55,7 @@ log = logging.getLogger(__name__)
 CATALOG = "catalog"
 TOKENIZER_CHECKPOINT = "tokenizer"
 RETRIEVER_CHECKPOINT = "retriever"
+RETRIEVER_STATE_CHECKPOINT = "retriever-state"
 FIT_REPORT_FILE = "fit_report.json"
 REPLICA_FINGERPRINTS = "replica_fingerprints"
 
@@ -66,10 +72,16 @@ class TrainRun:
     use_gpu: bool = False
     # Fractional on small machines: the catalog's read tasks need CPUs beside the workers.
     cpus_per_worker: float = 1.0
+    # Restarts of the worker group after a worker fails. Finite: an error in the code or the data
+    # fails every attempt.
+    max_failures: int = 2
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.cpus_per_worker < 0:
-            raise ValueError(f"TrainRun needs workers >= 1 and cpus_per_worker >= 0, got {self.workers}, {self.cpus_per_worker}")
+        if self.workers < 1 or self.cpus_per_worker < 0 or self.max_failures < 0:
+            raise ValueError(
+                f"TrainRun needs workers >= 1, cpus_per_worker >= 0 and max_failures >= 0, got {self.workers}, "
+                f"{self.cpus_per_worker}, {self.max_failures}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -118,7 +130,7 @@ def _fit_tokenizer_per_worker(args: dict[str, Any]) -> None:
     tokenizer = build_tokenizer(args["config"], args["dim"])
     report = tokenizer.fit(embeddings, segments)
     metrics = {**_scalars(report), REPLICA_FINGERPRINTS: _replica_fingerprints(tokenizer._tensors())}
-    _report_once(metrics, TOKENIZER_CHECKPOINT, lambda directory: _save_tokenizer(tokenizer, directory))
+    _report(metrics, TOKENIZER_CHECKPOINT, lambda directory: _save_tokenizer(tokenizer, directory))
 
 
 def _collect_catalog_shard(shard: ray.data.DataIterator, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +175,8 @@ def fit_retriever(
     request. Checkpoints are selected by validation Recall@10 of constrained beam search and the
     item scorer, pooled over the ranks' validation shards; rank 0 then tunes the scorer's weights
     on its validation shard. The checkpoint records the SID version, the train config, the history
-    and the tuned weights.
+    and the tuned weights. Workers restarted after a failure resume from the last evaluation's
+    training state; the history's ``resumed_at`` lists the steps they resumed at.
     """
     user_tokens_end = model_config.vocab_size + train_config.user_buckets
     if model_config.encoder_vocab_size < user_tokens_end:
@@ -220,16 +233,35 @@ def _fit_retriever_per_worker(args: dict[str, Any]) -> None:
         train_config,
         user_offset=model_config.vocab_size,
         select=lambda _: validation_recall(generator, select_requests),
+        on_evaluation=_report_training_state,
+        resume=_training_state_to_resume(),
     )
     scorer, _ = generator.tune(tune_requests) if rank == 0 else (None, None)
     scalars = {key: history[key] for key in ("best_step", "best_metric", "steps", "seconds")}
     metrics = {**scalars, REPLICA_FINGERPRINTS: _replica_fingerprints(model.state_dict())}
     meta = {"train_config": train_config.to_dict(), "history": history | {"off_catalog": data.off_catalog}, "world_size": world,
             "scorer": None if scorer is None else asdict(scorer)}  # fmt: skip
-    _report_once(
+    _report(
         metrics, RETRIEVER_CHECKPOINT,
         lambda directory: save_retriever(directory, model.cpu(), sid_version=sids.version, meta=meta),
     )
+
+
+def _report_training_state(state: TrainingState) -> None:
+    metrics = {"step": state.steps, "selection_metric": state.curve[-1]["metric"]}
+    # Named by step: Ray wants a checkpoint directory name unique within the run.
+    _report(metrics, f"{RETRIEVER_STATE_CHECKPOINT}-{state.steps:08d}", lambda directory: save_training_state(directory, state))
+
+
+def _training_state_to_resume() -> TrainingState | None:
+    """The latest reported training state when Ray restarted the workers after a failure, else None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = load_training_state(directory)
+    log.info("resuming the retriever's training at step %d", state.steps)
+    return state
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -247,13 +279,18 @@ def _trainer(train_fn, args: dict[str, Any], run: TrainRun, datasets: dict[str, 
         scaling_config=ray.train.ScalingConfig(
             num_workers=run.workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker}
         ),
-        run_config=ray.train.RunConfig(name=run.name, storage_path=path, storage_filesystem=fs),
+        run_config=ray.train.RunConfig(
+            name=run.name, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            # The latest checkpoint is what a restart resumes from and, at the end, the model.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),  # fmt: skip
         datasets=datasets,
     )
 
 
-def _report_once(metrics: dict[str, Any], checkpoint_name: str, save) -> None:
-    """The run's single report: rank 0 saves (``save(directory)``) and hands Ray the checkpoint."""
+def _report(metrics: dict[str, Any], checkpoint_name: str, save) -> None:
+    """A report, on every rank: rank 0 saves (``save(directory)``) and hands Ray the checkpoint."""
     if distributed.rank() != 0:
         ray.train.report(metrics)
         return

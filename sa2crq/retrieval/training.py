@@ -27,6 +27,13 @@ learning curve (metric against steps, examples and training seconds) is returned
 rate warms up linearly, then stays constant (``schedule="constant"``, the measured best on 2 CPU
 cores with selection by recall) or decays on a cosine to 10% (``"cosine"``). Deterministic under a
 seed on CPU; bf16 autocast on CUDA.
+
+**Resuming:** after each evaluation the loop can hand out a :class:`TrainingState` (weights,
+optimiser, schedule, every rank's random generators, curve and best so far), and a run given one
+continues from it. On CPU a resumed run ends with the weights and curve of the run that was never
+stopped; only its timings differ (the work lost after the state is not counted). On CUDA, dropout
+draws from CUDA's generator, which the state does not hold: a resumed run with dropout takes other
+masks from there on.
 """
 
 from __future__ import annotations
@@ -102,6 +109,31 @@ class RetrieverTrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Where a :func:`train_retriever` run stood after an evaluation: what it needs to continue
+    (``resume``) as though it had not stopped. Tensors are copies; stored as safetensors + JSON by
+    :func:`sa2crq.retrieval.checkpoint.save_training_state`."""
+
+    model: dict[str, torch.Tensor]
+    optimiser: dict  # AdamW's state_dict
+    scheduler: dict  # LambdaLR's state_dict (plain numbers)
+    # (world, 3, S) uint8, one row per rank: its data generator (epoch order, negatives) as it was
+    # at the start of the current epoch and as it is now, and torch's default CPU generator (dropout).
+    generators: torch.Tensor
+    steps: int
+    examples: int  # targets trained on, over all ranks
+    # Rank 0's timings and curve (its training losses are rank 0's): every rank resumes with them.
+    train_seconds: float
+    seconds: float
+    curve: list[dict]
+    best_model: dict[str, torch.Tensor]
+    best_metric: float
+    best_evaluation: int
+    # The steps at which this run was resumed before.
+    resumed_at: list[int]
 
 
 @dataclass(frozen=True)
@@ -193,13 +225,18 @@ def train_retriever(
     *,
     user_offset: int,
     select: Callable[[GenerativeRetriever], float] | None = None,
+    on_evaluation: Callable[[TrainingState], None] | None = None,
+    resume: TrainingState | None = None,
 ) -> dict:
     """Train in place on this rank's ``train`` shard and restore the best evaluated weights.
 
     ``select(model) -> float`` (higher is better) must give every rank the same value. Returns the
     history: the learning curve (one entry per evaluation), the best evaluation, steps, examples,
-    seconds and training examples per second (evaluation time excluded), and ``converged``: False
-    when the best evaluation is the last one (the curve was still rising).
+    seconds and training examples per second (evaluation time excluded), ``converged``: False
+    when the best evaluation is the last one (the curve was still rising), and ``resumed_at``: the
+    steps this run was resumed at. ``on_evaluation(state)`` is called on every rank after each
+    evaluation (every rank's generators are gathered into the state); ``resume`` continues the run
+    of the same data and config that handed out ``state``, with the same number of ranks.
     """
     generator = torch.Generator().manual_seed(config.seed + distributed.rank())
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -213,12 +250,39 @@ def train_retriever(
     curve: list[dict] = []
     best: dict = {"metric": -math.inf, "state": copy.deepcopy(model.state_dict()), "evaluation": -1}
     train_seconds, loss_total, token_total, done, local_examples, examples = 0.0, 0.0, 0, 0, 0, 0
+    resumed_at: list[int] = []
     started = time.perf_counter()
     order = np.zeros(0, dtype=np.int64)
+    epoch_rng = generator.get_state()
+    if resume is not None:
+        if len(resume.generators) != distributed.world_size():
+            raise ValueError(f"a training state of {len(resume.generators)} ranks cannot resume on {distributed.world_size()}")
+        model.load_state_dict(resume.model)
+        # A copy: the optimiser would otherwise take the state's tensors as its own and update them in place.
+        optimiser.load_state_dict(copy.deepcopy(resume.optimiser))
+        schedule.load_state_dict(resume.scheduler)
+        # Fresh tensors: set_state on a row of the loaded tensor itself crashed the process (torch 2.13).
+        epoch_rng, current_rng, dropout_rng = (state.clone() for state in resume.generators[distributed.rank()])
+        # The current epoch's order, drawn again from the generator as it was when the epoch began.
+        generator.set_state(epoch_rng)
+        order = torch.randperm(max(len(train), 1), generator=generator).numpy()
+        generator.set_state(current_rng)
+        torch.set_rng_state(dropout_rng)
+        done, examples, train_seconds = resume.steps, resume.examples, resume.train_seconds
+        started -= resume.seconds
+        curve = copy.deepcopy(resume.curve)
+        best = {"metric": resume.best_metric, "state": resume.best_model, "evaluation": resume.best_evaluation}
+        resumed_at = [*resume.resumed_at, resume.steps]
+
+    def patience_spent() -> bool:
+        return len(curve) - 1 - best["evaluation"] >= config.patience
+
     progress = Progress("retriever training", total=total_steps, unit="step")
-    while done < total_steps:
+    progress.update(done)
+    while done < total_steps and not patience_spent():
         epoch_step = done % steps_per_epoch
         if epoch_step == 0:
+            epoch_rng = generator.get_state()
             order = torch.randperm(max(len(train), 1), generator=generator).numpy()
         model.train()
         step_start = time.perf_counter()
@@ -244,7 +308,7 @@ def train_retriever(
         if done % eval_every and done < total_steps:
             continue
         valid_loss = validation_loss(model, valid, items, config, user_offset=user_offset)
-        examples = _pooled(local_examples)
+        examples += _pooled(local_examples)
         metric = select(model) if select is not None else -valid_loss
         point = {
             "step": done, "examples": examples, "train_seconds": round(train_seconds, 2),
@@ -252,13 +316,21 @@ def train_retriever(
         }  # fmt: skip
         curve.append(point)
         progress.update(0, selection=metric)
-        loss_total, token_total = 0.0, 0
+        loss_total, token_total, local_examples = 0.0, 0, 0
         log.info("retriever step %d/%d train %.4f valid loss %.4f selection metric %.4f", done, total_steps, point["train_loss"], valid_loss, metric)
         if metric > best["metric"]:
             best = {"metric": metric, "state": copy.deepcopy(model.state_dict()), "evaluation": len(curve) - 1}
-        if len(curve) - 1 - best["evaluation"] >= config.patience:
+        if on_evaluation is not None:
+            generators = torch.stack([epoch_rng, generator.get_state(), torch.get_rng_state()])
+            state = TrainingState(
+                model=copy.deepcopy(model.state_dict()), optimiser=copy.deepcopy(optimiser.state_dict()),
+                scheduler=copy.deepcopy(schedule.state_dict()), generators=distributed.gather_rows(generators[None], 1), steps=done,
+                examples=examples, train_seconds=train_seconds, seconds=time.perf_counter() - started, curve=copy.deepcopy(curve),
+                best_model=best["state"], best_metric=best["metric"], best_evaluation=best["evaluation"], resumed_at=list(resumed_at),
+            )  # fmt: skip
+            on_evaluation(state)
+        if patience_spent():
             log.info("early stop: no better selection metric for %d evaluations", config.patience)
-            break
     progress.close()
     model.load_state_dict(best["state"])
     best_point = curve[best["evaluation"]] if curve else {}
@@ -274,6 +346,7 @@ def train_retriever(
         "train_seconds": train_seconds,
         "examples_per_second": examples / max(train_seconds, 1e-9),
         "seconds": time.perf_counter() - started,
+        "resumed_at": resumed_at,
     }
 
 

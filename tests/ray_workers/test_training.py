@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 import uuid
 from dataclasses import replace
 
@@ -11,7 +15,14 @@ import pytest
 import torch
 
 from jobs.object_store import ensure_bucket
-from ray_workers.training import REPLICA_FINGERPRINTS, TrainRun, _replica_fingerprints, fit_retriever, fit_tokenizer
+from ray_workers.training import (
+    REPLICA_FINGERPRINTS,
+    RETRIEVER_STATE_CHECKPOINT,
+    TrainRun,
+    _replica_fingerprints,
+    fit_retriever,
+    fit_tokenizer,
+)
 from sa2crq.config import SegmentConfig, SIDConfig
 from sa2crq.data.columns import list_column
 from sa2crq.data.segments import SEGMENT_NAMES, assign_segments
@@ -133,6 +144,9 @@ def test_fit_retriever_learns_and_checkpoints_the_best_model(ray_local, tmp_path
     curve = history["curve"]
     assert len(curve) == 4 and curve[-1]["valid_loss"] < curve[0]["valid_loss"]  # one evaluation per epoch; it learns
     assert history["selected_by"] == "select" and history["best_metric"] == max(p["metric"] for p in curve)
+    assert history["resumed_at"] == []
+    # Ray keeps the latest checkpoint only: the model; each evaluation's training state is gone.
+    assert not list((tmp_path / "runs" / run.name).glob(f"{RETRIEVER_STATE_CHECKPOINT}-*"))
     checkpoint = load_retriever(tmp_path / "runs" / run.name / "retriever")
     assert checkpoint.sid_version == paths["sid_version"].version
     assert checkpoint.meta["train_config"] == train_config.to_dict() and checkpoint.meta["world_size"] == 2
@@ -158,7 +172,9 @@ def test_fit_retriever_refuses_a_vocabulary_that_does_not_fit_the_sids(ray_local
     from ray.train import TrainingFailedError
 
     vocab, paths, _ = _sid_table_and_interactions(tmp_path)
-    run = TrainRun(name=f"retriever-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "runs"), cpus_per_worker=WORKER_CPUS)
+    # No restarts: the error is in the inputs, every attempt would fail the same way.
+    run = TrainRun(name=f"retriever-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "runs"), cpus_per_worker=WORKER_CPUS,
+                   max_failures=0)  # fmt: skip
     # Checked on the driver, before any worker starts.
     with pytest.raises(ValueError, match="user tokens"):
         fit_retriever(paths["sid_version"], paths["train"], paths["valid"], replace(_retriever_config(vocab), encoder_vocab_size=vocab),
@@ -167,6 +183,55 @@ def test_fit_retriever_refuses_a_vocabulary_that_does_not_fit_the_sids(ray_local
     with pytest.raises(TrainingFailedError, match="beyond the retriever's vocab_size"):
         fit_retriever(paths["sid_version"], paths["train"], paths["valid"], _retriever_config(FIRST_CODE_TOKEN + 8), TRAIN_CONFIG,
                       run)
+
+
+def test_a_train_run_restarts_its_workers_a_finite_number_of_times():
+    assert TrainRun(name="run", storage_path="runs").max_failures == 2
+    with pytest.raises(ValueError, match="max_failures >= 0"):
+        TrainRun(name="run", storage_path="runs", max_failures=-1)  # Ray's "forever"
+
+
+@pytest.mark.timeout(240)
+def test_fit_retriever_resumes_from_the_last_evaluation_when_a_worker_dies(ray_local, tmp_path):
+    from ray._private.state import actors  # the GCS's actor table: works without the dashboard
+
+    vocab, paths, _ = _sid_table_and_interactions(tmp_path)
+    epochs = 12  # an evaluation (and a training state) an epoch: the run outlasts the kill after the third
+    train_config = replace(TRAIN_CONFIG, epochs=epochs, patience=epochs)
+    run = TrainRun(name=f"retriever-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "runs"), cpus_per_worker=WORKER_CPUS,
+                   max_failures=1)  # fmt: skip
+    run_dir = tmp_path / "runs" / run.name
+    first_state: list[int] = []  # the step of the first training state seen on storage
+    killed: list[int] = []  # the pid of the worker killed
+
+    def kill_a_worker_once_a_state_is_registered() -> None:
+        seen: set[str] = set()
+        deadline = time.monotonic() + 180
+        # Ray takes a report from a worker only after it took the one before: once the third state
+        # is uploaded, the first is registered, and a restart resumes from it or a later one.
+        while len(seen) < 3 and time.monotonic() < deadline:
+            seen |= {path.name for path in run_dir.glob(f"{RETRIEVER_STATE_CHECKPOINT}-*")}
+            time.sleep(0.05)
+        if len(seen) < 3:
+            return
+        first_state.append(min(int(name.rsplit("-", 1)[1]) for name in seen))
+        workers = [a["Pid"] for a in actors(actor_state_name="ALIVE").values() if a["ActorClassName"].endswith("RayTrainWorker")]
+        os.kill(workers[0], signal.SIGKILL)
+        killed.append(workers[0])
+
+    killer = threading.Thread(target=kill_a_worker_once_a_state_is_registered, daemon=True)
+    killer.start()
+    _, history, _ = fit_retriever(paths["sid_version"], paths["train"], paths["valid"], _retriever_config(vocab), train_config, run)
+    killer.join()
+
+    assert first_state and killed, "no worker was killed while the run trained"
+    # The restarted workers took up the state of an evaluation at or after the first seen...
+    assert len(history["resumed_at"]) == 1 and history["resumed_at"][0] >= first_state[0]
+    # ...and its curve holds every evaluation once: those before the resume restored, not redone.
+    steps = [point["step"] for point in history["curve"]]
+    assert len(steps) == epochs and steps == sorted(set(steps)) and steps[-1] == history["steps"]
+    checkpoint = load_retriever(run_dir / "retriever")
+    assert checkpoint.meta["history"]["resumed_at"] == history["resumed_at"] and checkpoint.meta["world_size"] == 2
 
 
 @pytest.mark.timeout(20)

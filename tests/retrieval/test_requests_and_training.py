@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from sa2crq.ids.trie import EOS, PAD
 from sa2crq.retrieval.data import ItemIndex, Requests, Sequences, evaluation_requests, training_requests, user_token
 from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, RetrieverConfig
+from sa2crq.retrieval.checkpoint import load_training_state, save_training_state
 from sa2crq.retrieval.training import RetrieverTrainConfig, _lr_factor, batch_losses, make_batch, train_retriever
 
 # Tiny models gain nothing from intra-op threads; on busy shared cores their spin-waits cost 100x.
@@ -156,6 +159,79 @@ def test_training_is_deterministic_under_a_seed():
     first, second, other = _train(0), _train(0), _train(1)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def _without_timings(curve: list[dict]) -> list[dict]:
+    return [{k: v for k, v in point.items() if k != "train_seconds"} for point in curve]
+
+
+def test_a_run_resumed_from_an_evaluations_state_ends_as_the_uninterrupted_run(tmp_path):
+    """Each evaluation's state, stored as safetensors + JSON, takes a fresh model to the end of the
+    same run: mid-epoch (the epoch's order drawn again), with dropout and sampled dense negatives."""
+    requests, items = _data()
+    # 60 requests in batches of 16: 4 steps an epoch; evaluations at steps 3, 6 and 9 fall mid-epoch.
+    config = RetrieverTrainConfig(epochs=3, batch_size=16, warmup_steps=2, schedule="cosine", max_history=4, user_buckets=8,
+                                  dense_negatives=8, eval_every_steps=3, patience=10, seed=0)  # fmt: skip
+
+    def run(seed: int, resume=None):
+        torch.manual_seed(seed)
+        model = GenerativeRetriever(RetrieverConfig(**TINY, dense_head=True))  # dropout 0.1
+        states = []
+        history = train_retriever(model, requests, requests, items, config, user_offset=20, on_evaluation=states.append, resume=resume)
+        return model.state_dict(), history, states
+
+    weights, history, states = run(seed=0)
+    assert [state.steps for state in states] == [3, 6, 9, 12] and history["resumed_at"] == []
+    for state in states:
+        directory = tmp_path / f"state-{state.steps}"
+        save_training_state(directory, state)
+        assert sorted(os.listdir(directory)) == ["checkpoint.json", "model.safetensors"]
+        stored = load_training_state(directory)
+        assert all(torch.equal(stored.model[k], state.model[k]) and torch.equal(stored.best_model[k], state.best_model[k]) for k in state.model)
+        assert torch.equal(stored.generators, state.generators) and stored.curve == state.curve
+        # Another initialisation: everything the run continues with comes from the state.
+        resumed_weights, resumed, later_states = run(seed=1, resume=stored)
+        assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights), f"resumed at step {state.steps}"
+        assert _without_timings(resumed["curve"]) == _without_timings(history["curve"])
+        assert (resumed["best_step"], resumed["steps"], resumed["examples"]) == (history["best_step"], history["steps"], history["examples"])
+        assert resumed["resumed_at"] == [state.steps]
+        assert [s.steps for s in later_states] == [s.steps for s in states if s.steps > state.steps]
+
+
+def test_a_resumed_run_keeps_the_patience_it_had_spent():
+    requests, items = _data()
+    metrics = [0.1, 0.3, 0.2, 0.15, 0.9]  # patience 2: stops after the 4th evaluation, the 2nd the best
+    config = RetrieverTrainConfig(epochs=20, batch_size=16, warmup_steps=0, max_history=4, user_buckets=8, eval_every_steps=1,
+                                  patience=2, seed=0)  # fmt: skip
+
+    def run(resume=None):
+        scripted = iter(metrics[len(resume.curve) if resume else 0 :])
+        torch.manual_seed(0)
+        model = GenerativeRetriever(RetrieverConfig(**TINY))
+        states = []
+        history = train_retriever(model, requests, requests, items, config, user_offset=20, select=lambda _: next(scripted),
+                                  on_evaluation=states.append, resume=resume)  # fmt: skip
+        return model.state_dict(), history, states
+
+    weights, history, states = run()
+    assert [s.steps for s in states] == [1, 2, 3, 4] and history["steps"] == 4 and history["best_step"] == 2
+    # After the 3rd evaluation one more is due; after the 4th the patience is spent and nothing is trained.
+    for state in states[2:]:
+        resumed_weights, resumed, _ = run(resume=state)
+        assert (resumed["steps"], resumed["best_step"]) == (4, 2)
+        assert _without_timings(resumed["curve"]) == _without_timings(history["curve"])
+        assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights)
+
+
+def test_a_training_state_resumes_only_on_as_many_ranks():
+    requests, items = _data()
+    config = RetrieverTrainConfig(epochs=1, batch_size=16, max_history=4, user_buckets=8, seed=0)
+    states = []
+    torch.manual_seed(0)
+    train_retriever(GenerativeRetriever(RetrieverConfig(**TINY)), requests, requests, items, config, user_offset=20, on_evaluation=states.append)
+    two_ranks = dataclasses.replace(states[0], generators=states[0].generators.repeat(2, 1, 1))
+    with pytest.raises(ValueError, match="2 ranks cannot resume on 1"):
+        train_retriever(GenerativeRetriever(RetrieverConfig(**TINY)), requests, requests, items, config, user_offset=20, resume=two_ranks)
 
 
 def _select_run(metrics: list[float], **config) -> tuple[dict, list[dict[str, torch.Tensor]], GenerativeRetriever]:
