@@ -49,7 +49,7 @@ def _publish_store(root: Path) -> str:
     write_parquet(pa.table({"item_id": item_ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 8)}),
                   f"{url}/{layout.EMBEDDINGS}/part-0.parquet")  # fmt: skip
     SIDTrie.build(table.tokens, table.sid_len + 1, table.vocab.size).save(f"{url}/{layout.TRIE}")
-    sids.publish(sid_version, parent=None, meta={"job": "recode"})
+    sids.publish(sid_version, parent=None, meta={"job": "recode", "vocab": table.vocab.to_dict()})
 
     retrievers = Publisher(str(root / "retrievers"))
     retriever_version = retrievers.new_version()
