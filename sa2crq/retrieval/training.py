@@ -24,9 +24,10 @@ constrained beam search and the item scorer on a seeded sample of validation use
 better); without one, by the negated teacher-forced validation loss. The best-scoring weights are
 restored at the end, training stops after ``patience`` evaluations without improvement, and the
 learning curve (metric against steps, examples and training seconds) is returned. The learning
-rate warms up linearly, then stays constant (``schedule="constant"``, the measured best on 2 CPU
-cores with selection by recall) or decays on a cosine to 10% (``"cosine"``). Deterministic under a
-seed on CPU; bf16 autocast on CUDA.
+rate warms up linearly, then stays constant (``schedule="constant"``, better than a cosine on 2 CPU
+cores with selection by recall), decays on a cosine to 10% (``"cosine"``), or stays constant and
+decays linearly to 10% over the last ``decay_fraction`` of the steps (``"stable-decay"``, the cpu
+benchmark profile's fixed step budget). Deterministic under a seed on CPU; bf16 autocast on CUDA.
 
 **Resuming:** after each evaluation the loop can hand out a :class:`TrainingState` (weights,
 optimiser, schedule, every rank's random generators, curve and best so far), and a run given one
