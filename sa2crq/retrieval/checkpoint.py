@@ -54,8 +54,7 @@ def load_published_retriever(version: PublishedVersion) -> RetrieverCheckpoint:
 
 
 def _retriever(tensors: dict, meta: dict[str, Any], *, where: str) -> RetrieverCheckpoint:
-    if meta.get("kind") != KIND:
-        raise ValueError(f"{where}: checkpoint of kind {meta.get('kind')!r}, not a {KIND}")
+    _require_kind(meta, KIND, where)
     for key, expected in INPUT_FORMAT.items():
         if meta.get(key) != expected:
             raise ValueError(
@@ -89,8 +88,7 @@ def save_training_state(directory: PathLike, state: TrainingState) -> None:
 
 def load_training_state(directory: PathLike) -> TrainingState:
     tensors, meta = load_checkpoint(directory)
-    if meta.get("kind") != TRAINING_STATE_KIND:
-        raise ValueError(f"{directory}: checkpoint of kind {meta.get('kind')!r}, not a {TRAINING_STATE_KIND}")
+    _require_kind(meta, TRAINING_STATE_KIND, str(directory))
     parts: dict[str, dict[str, Any]] = {"model": {}, "best_model": {}, "optimiser": {}}
     for key, tensor in tensors.items():
         if key == "generators":
@@ -107,3 +105,8 @@ def load_training_state(directory: PathLike) -> TrainingState:
         train_seconds=meta["train_seconds"], seconds=meta["seconds"], curve=meta["curve"], best_model=parts["best_model"],
         best_metric=meta["best_metric"], best_evaluation=meta["best_evaluation"], resumed_at=meta["resumed_at"],
     )  # fmt: skip
+
+
+def _require_kind(meta: dict[str, Any], kind: str, where: str) -> None:
+    if meta.get("kind") != kind:
+        raise ValueError(f"{where}: checkpoint of kind {meta.get('kind')!r}, not a {kind}")
