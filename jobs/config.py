@@ -88,6 +88,9 @@ class RayConfig:
     num_cpus: int | None = None
     train_workers: int = 2
     cpus_per_train_worker: float = 1.0
+    # Restarts of a Ray Train worker group after a worker dies (killed, out of memory, lost node);
+    # finite, because an error in the code or the data fails every attempt.
+    train_max_failures: int = 2
     use_gpu: bool = False
     # Ray Data actor pools (embedding, code assignment, generation). Actors that claim every CPU
     # starve the read stage: leave room (DEVELOPERS.md).
@@ -100,10 +103,17 @@ class RayConfig:
         """The keyword arguments of :func:`ray_workers.shards.map_shards` that size its actor pool."""
         return {"actors": self.actors, "cpus_per_actor": self.cpus_per_actor, "gpus_per_actor": self.gpus_per_actor}
 
+    @property
+    def train_group(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`ray_workers.training.TrainRun` that size its worker group."""
+        return {"workers": self.train_workers, "use_gpu": self.use_gpu, "cpus_per_worker": self.cpus_per_train_worker,
+                "max_failures": self.train_max_failures}  # fmt: skip
+
     def __post_init__(self) -> None:
         _require(self.train_workers >= 1 and self.actors >= 1, "ray.train_workers and ray.actors must be >= 1")
         _require(self.cpus_per_train_worker > 0 and self.cpus_per_actor > 0, "ray CPU shares must be positive")
         _require(self.gpus_per_actor >= 0, "ray.gpus_per_actor must be >= 0")
+        _require(self.train_max_failures >= 0, "ray.train_max_failures must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -220,10 +220,7 @@ def _tokenizer(config: RecodeConfig, publisher: Publisher, version: str, target:
         return tokenizer
     from ray_workers.training import TrainRun, fit_tokenizer
 
-    run = TrainRun(
-        name=f"tokenizer-{version}", storage_path=config.storage.runs, workers=config.ray.train_workers,
-        use_gpu=config.ray.use_gpu, cpus_per_worker=config.ray.cpus_per_train_worker,
-    )  # fmt: skip
+    run = TrainRun(name=f"tokenizer-{version}", storage_path=config.storage.runs, **config.ray.train_group)
     segment_counts = np.zeros(len(SEGMENT_NAMES), dtype=np.int64)  # the sample's strata, a Spark aggregate
     for row in split.groupBy("segment").count().collect():
         segment_counts[SEGMENT_NAMES.index(row["segment"])] = row["count"]

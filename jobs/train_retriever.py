@@ -48,10 +48,7 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         url = retrievers.version_url(version)
         summary = JobSummary("train-retriever", version)
         try:
-            run = TrainRun(
-                name=f"retriever-{version}", storage_path=storage.runs, workers=config.ray.train_workers,
-                use_gpu=config.ray.use_gpu, cpus_per_worker=config.ray.cpus_per_train_worker,
-            )  # fmt: skip
+            run = TrainRun(name=f"retriever-{version}", storage_path=storage.runs, **config.ray.train_group)
             model, history, scorer = fit_retriever(
                 sid_files, config.interactions, config.valid,
                 model_config, config.train, run, query_cache_dir=config.embedding_cache,

@@ -82,3 +82,16 @@ def test_print_config_names_a_tokenizer_method_presets_values(tmp_path, capsys):
     assert levels.endswith("# preset tiger")  # tiger's preset sets it; the file does not
     epochs = next(line for line in printed.splitlines() if line.strip().startswith("epochs: 7"))
     assert epochs.endswith(f"# {path}")
+
+
+@pytest.mark.parametrize("job, data", [("train-retriever", TRAIN), ("recode", RECODE)])
+def test_the_ray_section_sizes_the_train_group_restarts_included(tmp_path, job, data):
+    from ray_workers.training import TrainRun
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    config = load_job_config(job, str(tmp_path / "c.yaml"), ["ray.train_workers=3", "ray.train_max_failures=0"])
+    run = TrainRun(name="run", storage_path="runs", **config.ray.train_group)
+    assert (run.workers, run.max_failures) == (3, 0)
+    assert load_job_config(job, str(tmp_path / "c.yaml"), []).ray.train_max_failures == 2
+    with pytest.raises(ValueError, match=r"ray.train_max_failures must be >= 0"):
+        load_job_config(job, str(tmp_path / "c.yaml"), ["ray.train_max_failures=-1"])
