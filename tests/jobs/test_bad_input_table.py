@@ -97,7 +97,9 @@ TABLE: list[Case] = [
     Case("generate", "requests", "missing column", "error", r"requests: missing required column 'history'", VIA_JOB),
     Case("generate", "requests", "item_id types differ across tables", "error",
          rf"requests: column 'history' has type string but this SID version's item_id has type int64: {BOTH_INTEGER}", VIA_JOB),
-    Case("generate", "requests", "null request_id", "error", r"requests: 1 rows have a null 'request_id' \(rule: not null\), e.g. rows \[1\]", VIA_STEP),
+    Case("generate", "requests", "null request_id", "error",
+         r"generate: 1 of 1 shards of \S+ refused their input; shard \S+: requests: 1 rows have a null 'request_id' \(rule: not null\), e.g. rows \[1\]",
+         VIA_JOB),
     Case("generate", "requests", "null history", "error", r"requests: 1 rows have a null 'history' \(rule: not null\), e.g. rows \[2\]", VIA_STEP),
     Case("generate", "requests", "invalid_utf8", "error",
          r"requests: 1 rows hold a string that is not valid UTF-8 \(rule: invalid_utf8\), e.g. rows \[1\]", VIA_STEP),
@@ -336,6 +338,7 @@ def _refusing_inputs(case: Case) -> dict[str, pa.Table]:
         ("generate", "requests", "missing column"): {"requests": pa.table({"request_id": [1, 2]})},
         ("generate", "requests", "item_id types differ across tables"):
             {"requests": pa.table({"request_id": [1], "history": pa.array([["100"]], pa.list_(pa.string()))})},
+        ("generate", "requests", "null request_id"): {"requests": GENERATE_ROWS["null request_id"]},
     }[case.job, case.input, case.rule]  # fmt: skip
 
 
@@ -365,7 +368,9 @@ def test_the_job_stops_naming_the_rule_and_publishes_nothing(case: Case, store, 
         out = base / f"candidates-{case.rule}".replace(" ", "-")
         with pytest.raises(InputError, match=case.expected):
             run_generate(_config("generate", base, store, out=str(out), **inputs))
-        assert not out.exists()  # refused before anything was written, the run's pin included
+        assert Publisher(str(out)).versions() == [] and not list(out.rglob("*.parquet"))  # no candidates, none committed
+        if "null" not in case.rule:  # a table-level refusal comes before anything is written, the run's pin included
+            assert not out.exists()
     assert {kind: _versions(store / kind) for kind in ("sids", "retrievers")} == before
     for kind in ("sids", "retrievers"):  # the refused attempt's files are gone, not left unpublished
         assert sorted(p.name for p in (store / kind / "versions").iterdir()) == before[kind]
@@ -388,7 +393,8 @@ GENERATE_ROWS = {
 
 @pytest.mark.parametrize("case", [p for p in _params("error") if p.values[0].checked == VIA_STEP])
 def test_generate_refuses_a_bad_request_row_naming_the_rows(case: Case, server):
-    """What each generate actor runs on its shard before generating: a refusal fails the job before its commit."""
+    """What each generate actor runs on its shard before generating: a refusal fails the job before its
+    commit, naming the shard (the null request_id case above, through the job)."""
     with pytest.raises(InputError, match=case.expected):
         server.history_requests(GENERATE_ROWS[case.rule])
 
