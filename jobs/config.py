@@ -193,6 +193,9 @@ class TrainRetrieverConfig:
     interactions: str = ""
     valid: str = ""  # for early stopping
     sid_version: str | None = None  # None: the latest
+    # Both inputs are validated against the SID version's items: more rejected rows than this share
+    # refuses the run (sa2crq.data.validation).
+    max_reject_fraction: float = 0.05
     embedding_cache: str | None = ".cache/embeddings"
     model: RetrieverShape = field(default_factory=RetrieverShape)
     train: RetrieverTrainConfig = field(default_factory=RetrieverTrainConfig)
@@ -202,6 +205,7 @@ class TrainRetrieverConfig:
     def __post_init__(self) -> None:
         _require(bool(self.interactions) and bool(self.valid), "train-retriever needs interactions and valid (parquet paths)")
         _require(self.request_kind in ("history", "query"), "request_kind must be history or query")
+        _require(0.0 <= self.max_reject_fraction <= 1.0, "max_reject_fraction must be in [0, 1]")
         _absolute_paths(self, "interactions", "valid", "embedding_cache")
 
 

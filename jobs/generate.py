@@ -9,7 +9,10 @@ candidate set or none of it. ``OUT/_RUN.json`` pins the run: the requests' conte
 the generation config, and the version being built. A rerun of the same run reuses the parts a
 killed or failed attempt finished (each appears complete or not at all) and commits, or does nothing
 once committed; a rerun of another run into the same ``out`` is refused, naming both. A retriever
-trained on another SID version than the one served is refused too.
+trained on another SID version than the one served is refused too, and so is a request file that
+breaks a table-level rule (:func:`sa2crq.retrieval.serving.check_requests_schema`: its columns, a history
+of the catalog's item id type), before anything is written; a request with a null id or body, or a
+string that is not UTF-8, stops its shard naming the rows (nothing is committed).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from jobs.config import GenerateConfig
@@ -24,7 +28,8 @@ from jobs.engines import ray_runtime
 from jobs.object_store import object_store
 from jobs.publishing import read_json, resolve_version, write_json
 from jobs.summary import JobSummary
-from sa2crq.retrieval.serving import VersionMismatchError
+from sa2crq.retrieval.serving import VersionMismatchError, check_requests_schema
+from sa2crq.storage import layout
 from sa2crq.storage.filesystem import resolve_filesystem
 from sa2crq.storage.publish import Publisher
 from sa2crq.storage.published import PublishedVersion
@@ -56,6 +61,10 @@ def run_generate(config: GenerateConfig) -> JobSummary:
                 f"retriever {retriever_version} was trained on SID version {trained_on}, but SID version {sid_version} "
                 f"would be served: train a retriever on {sid_version}, or set sid_version={trained_on}"
             )
+        sid_files = PublishedVersion.open(sids, sid_version)
+        # The request file's table-level rules, before anything is written or any actor starts.
+        check_requests_schema(_parquet_schema(config.requests), config.request_kind,
+                              sid_files.parquet_schema(layout.SID_TABLE).field("item_id").type)  # fmt: skip
         out = config.out.rstrip("/")
         candidates = Publisher(out)
         run = {"requests": input_fingerprint(config.requests), "retriever_version": retriever_version, "sid_version": sid_version,
@@ -73,7 +82,7 @@ def run_generate(config: GenerateConfig) -> JobSummary:
         result = map_shards(
             config.requests, parts, generate_stage,
             {
-                "sids": PublishedVersion.open(sids, sid_version), "retriever": PublishedVersion.open(retrievers, retriever_version),
+                "sids": sid_files, "retriever": PublishedVersion.open(retrievers, retriever_version),
                 "generation": config.generation.to_dict(),
                 "request_kind": config.request_kind, "cache_dir": config.embedding_cache,
             },
@@ -124,7 +133,16 @@ def _pin_run(candidates: Publisher, run: dict) -> str:
 
 def _parquet_rows(url: str) -> int:
     """Rows of the parquet files under ``url`` (a directory or one file), from their footers."""
+    return _dataset(url).count_rows()
+
+
+def _parquet_schema(url: str) -> pa.Schema:
+    """The schema of the parquet files under ``url``, from a footer."""
+    return _dataset(url).schema
+
+
+def _dataset(url: str):
     import pyarrow.dataset as ds
 
     fs, path = resolve_filesystem(url)
-    return ds.dataset(path, filesystem=fs, format="parquet").count_rows()
+    return ds.dataset(path, filesystem=fs, format="parquet")

@@ -27,7 +27,7 @@ from jobs.publishing import resolve_version, write_json
 from jobs.summary import JobSummary
 from sa2crq.config import SIDConfig, build_config
 from sa2crq.data.segments import COLD, SEGMENT_NAMES
-from sa2crq.data.validation import validate_items, write_rejects
+from sa2crq.data.validation import Validated, check_item_id_types, validate_items, write_rejects
 from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.storage import layout
 from sa2crq.storage.filesystem import read_parquet, write_parquet
@@ -58,6 +58,18 @@ def run_ingest(config: IngestConfig, *, attempts: int = 5) -> JobSummary:
         raise ConcurrentPublishError(f"ingest: LATEST kept moving; nothing published after {attempts} attempts")
 
 
+def validate_batch(config: IngestConfig, parent_files: PublishedVersion, url: str) -> Validated:
+    """Ingest's first step: the batch (intra-day, not catalog-sized) validated in this process, naming
+    items by the published items' id type; its rejected rows are written with their reasons under
+    ``url``'s rejects. A table-level problem raises an ``InputError``."""
+    items = validate_items(read_parquet(config.items), max_reject_fraction=config.max_reject_fraction)
+    published_type = parent_files.parquet_schema(layout.SID_TABLE).field("item_id").type
+    check_item_id_types(items.valid.schema.field("item_id").type, published_type, table="items",
+                        known=f"the published version {parent_files.version}'s")  # fmt: skip
+    write_rejects(items, f"{url}/{layout.REJECTS}/items/part-00000.parquet")
+    return items
+
+
 def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publisher, parent: str, version: str) -> JobSummary:
     from pyspark.sql import functions as F
 
@@ -72,8 +84,8 @@ def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publi
     work = f"{url}/{layout.WORK}"
     summary = JobSummary("ingest", version)
 
-    # The batch (intra-day, not catalog-sized) is validated in this process; the published table stays in Spark.
-    items = validate_items(read_parquet(config.items), max_reject_fraction=config.max_reject_fraction)
+    items = validate_batch(config, parent_files, url)
+    # The published table stays in Spark; only the batch's ids cross over.
     published = staging.read_published(spark, parent_files, layout.SID_TABLE)
     batch_ids = spark.createDataFrame(items.valid.select(["item_id"]).to_pandas(), schema=published.select("item_id").schema)
     already_ids = published.select("item_id").join(batch_ids, "item_id").toArrow().column("item_id").combine_chunks()
@@ -117,7 +129,6 @@ def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publi
         F.count(F.lit(1)).alias("rows"), F.count_if(F.col("bucket_size") > 1).alias("from_buckets")
     ).first()
     trie = write_trie_spark(staging.read(spark, f"{url}/{layout.SID_TABLE}"), vocab.size, f"{url}/{layout.TRIE}", staging)
-    write_rejects(items, f"{url}/{layout.REJECTS}/items/part-00000.parquet")
     remove_tree(work)
 
     rows = stats["pinned"] + stats["placed"]

@@ -71,7 +71,6 @@ def run_recode(config: RecodeConfig, *, force: bool = False) -> JobSummary:
 def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publisher, parent: str | None,
             version: str, summary: JobSummary, *, force: bool) -> None:  # fmt: skip
     from jobs.spark_catalog import catalog_split
-    from jobs.spark_validation import validate_interactions, validate_items
     from ray_workers.shards import map_shards
     from ray_workers.stages import embed_stage, encode_stage
 
@@ -88,12 +87,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
         log.info("recode %s: %s done in %.1f s", version, stage, timings[stage])
 
     # 1. Validate (Spark): bad rows are quarantined with a reason, rows in = rows out + rejected.
-    items = validate_items(staging.read(spark, config.items), max_reject_fraction=config.max_reject_fraction)
-    interactions = validate_interactions(
-        staging.read(spark, config.interactions), items.valid, max_reject_fraction=config.max_reject_fraction
-    )
-    staging.write(items.rejects, f"{url}/{layout.REJECTS}/items")
-    staging.write(interactions.rejects, f"{url}/{layout.REJECTS}/interactions")
+    items, interactions = validate_inputs(config, spark, staging, url)
     lap("validate")
 
     # 2. Catalog split (Spark): popularity over the window, segments, hash shards.
@@ -196,6 +190,21 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
     publisher.publish(version, parent=parent, meta={"job": "recode", "items": trie.n_rows, "churn": churn["churn"],
                                                     "vocab": vocab.to_dict(), "sid_config": config_dict(config.tokenizer.sid)})  # fmt: skip
     summary.published = True
+
+
+def validate_inputs(config: RecodeConfig, spark, staging: SparkStaging, url: str):
+    """Recode's first step (Spark): items, then interactions against the items that survived; every
+    rejected row is written with its reason under ``url``'s rejects. Returns both
+    :class:`jobs.spark_validation.SparkValidated`; a table-level problem raises an ``InputError``."""
+    from jobs.spark_validation import validate_interactions, validate_items
+
+    items = validate_items(staging.read(spark, config.items), max_reject_fraction=config.max_reject_fraction)
+    interactions = validate_interactions(
+        staging.read(spark, config.interactions), items.valid, max_reject_fraction=config.max_reject_fraction
+    )
+    staging.write(items.rejects, f"{url}/{layout.REJECTS}/items")
+    staging.write(interactions.rejects, f"{url}/{layout.REJECTS}/interactions")
+    return items, interactions
 
 
 def publish_refusal(churn: dict[str, Any], config: RecodeConfig) -> str | None:

@@ -4,6 +4,11 @@ The retriever is sized to that version's SID vocabulary, trained data-parallel o
 interactions with checkpoints selected by validation Recall@10, its item scorer tuned on the
 validation targets, and published as a retriever version whose checkpoint records the SID version
 it was trained on (generation refuses any other) and the tuned scorer weights.
+
+Both inputs are validated in the driver before any worker starts (:func:`validate_inputs`), against
+the SID version's items: interactions as the catalog's (:func:`sa2crq.data.validation.validate_interactions`),
+query logs by :func:`sa2crq.data.validation.validate_queries`. Rejected rows are published with the
+retriever under ``rejects/<input>/`` with their reasons; the workers read the rows that passed.
 """
 
 from __future__ import annotations
@@ -12,16 +17,18 @@ import dataclasses
 import logging
 
 from jobs.config import TrainRetrieverConfig, config_dict
-from jobs.engines import ray_runtime
+from jobs.engines import ray_runtime, remove_tree
 from jobs.object_store import object_store
 from jobs.publishing import publish_on_latest, resolve_version, write_json, write_text
 from jobs.summary import JobSummary
 from sa2crq.data.embed import EMBEDDING_DIM
+from sa2crq.data.validation import InputError, validate_interactions, validate_queries, write_rejects
 from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.metrics.html_report import retriever_page
 from sa2crq.retrieval.checkpoint import save_retriever
 from sa2crq.retrieval.model import RetrieverConfig
 from sa2crq.storage import layout
+from sa2crq.storage.filesystem import read_parquet, write_parquet
 from sa2crq.storage.publish import Publisher
 from sa2crq.storage.published import PublishedVersion
 
@@ -49,15 +56,17 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         summary = JobSummary("train-retriever", version)
         try:
             run = TrainRun(name=f"retriever-{version}", storage_path=storage.runs, **config.ray.train_group)
+            counts = validate_inputs(config, sid_files, url)
             model, history, scorer = fit_retriever(
-                sid_files, config.interactions, config.valid,
+                sid_files, _valid_rows(url, "interactions"), _valid_rows(url, "valid"),
                 model_config, config.train, run, query_cache_dir=config.embedding_cache,
             )  # fmt: skip
+            remove_tree(f"{url}/{layout.WORK}")
             meta = {"train_config": config.train.to_dict(), "request_kind": config.request_kind, "history": history,
                     "scorer": scorer, "parameters": model.num_parameters()}  # fmt: skip
             save_retriever(f"{url}/{layout.RETRIEVER}", model, sid_version=sid_version, meta=meta)
-            report = {"sid_version": sid_version, "parameters": model.num_parameters(), "history": history, "scorer": scorer,
-                      "config": config_dict(config)}  # fmt: skip
+            report = {"sid_version": sid_version, "input": counts, "parameters": model.num_parameters(), "history": history,
+                      "scorer": scorer, "config": config_dict(config)}  # fmt: skip
             write_text(f"{url}/{layout.TRAIN_REPORT_PAGE}", retriever_page(report, f"Retriever version {version} on SID version {sid_version}"))
             write_json(f"{url}/{layout.TRAIN_REPORT}", report)
             publish_on_latest(retrievers, version, meta={"job": "train-retriever", "sid_version": sid_version, "request_kind": config.request_kind})
@@ -69,6 +78,8 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         summary.add("retriever", f"{url}/{layout.RETRIEVER}")
         summary.add("train report", f"{url}/{layout.TRAIN_REPORT}")
         summary.add("train report page", f"{url}/{layout.TRAIN_REPORT_PAGE}")
+        for name, input_counts in counts.items():
+            summary.add(f"rejected {name} rows", f"{url}/{layout.REJECTS}/{name}", input_counts["rejected"])
         summary.notes.append(
             f"trained on SID version {sid_version}: {model.num_parameters():,} parameters, {history['examples_per_second']:.0f} "
             f"examples/s, best step {history['best_step']} of {history['steps']} (validation Recall@10 "
@@ -77,6 +88,30 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         if history["resumed_at"]:
             summary.notes.append(f"training workers failed and resumed from the evaluations at steps {history['resumed_at']}")
         return summary
+
+
+def validate_inputs(config: TrainRetrieverConfig, sids: PublishedVersion, url: str) -> dict[str, dict]:
+    """The job's first step, in the driver: both inputs (``interactions`` and ``valid``) validated against
+    the SID version's items, each one's rejected rows written with their reasons under ``url``'s
+    ``rejects/<input>/`` and the rows that passed to its work directory, which the workers read. Returns
+    each input's counts; a table-level problem raises an ``InputError`` naming the input."""
+    known = sids.read_parquet(layout.SID_TABLE, columns=["item_id"]).column("item_id")
+    validate = validate_queries if config.request_kind == "query" else validate_interactions
+    counts = {}
+    for name in ("interactions", "valid"):
+        source = getattr(config, name)
+        try:
+            result = validate(read_parquet(source), known_item_ids=known, max_reject_fraction=config.max_reject_fraction)
+        except InputError as refusal:
+            raise InputError(f"{name} ({source}): {refusal}") from refusal
+        write_rejects(result, f"{url}/{layout.REJECTS}/{name}/part-00000.parquet")
+        write_parquet(result.valid, _valid_rows(url, name))
+        counts[name] = result.counts
+    return counts
+
+
+def _valid_rows(url: str, name: str) -> str:
+    return f"{url}/{layout.WORK}/{name}.parquet"
 
 
 def _embedding_dim(sids: PublishedVersion) -> int:

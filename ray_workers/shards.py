@@ -2,7 +2,9 @@
 
 A **shard** is one row group of one input parquet file; its output is ``<out>/<name>.parquet``, written
 whole or not at all. A run processes only the shards whose output does not exist yet, so a killed or
-failed run is resumed by running it again, and a finished run re-runs as a no-op. Only the shard list
+failed run is resumed by running it again, and a finished run re-runs as a no-op. A transform that
+refuses its shard's rows (an ``InputError``) leaves that shard unwritten; once every shard is done the
+run raises an ``InputError`` naming each refused shard and why. Only the shard list
 (names and paths) and one small count row per shard pass through the driver, never data rows.
 
 Each actor builds its transform once (``factory(**factory_kwargs)``: load a model, a tokenizer) and
@@ -34,6 +36,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
+from sa2crq.data.validation import InputError
 from sa2crq.storage.filesystem import resolve_filesystem
 from sa2crq.storage.publish import stream_sha256
 
@@ -162,12 +165,18 @@ def map_shards(
             num_gpus=gpus_per_actor,
         )
         every = max(1, len(pending) // 10)
+        refusals = []
         for row in results.iter_rows():
+            if row["refusal"]:
+                refusals.append(f"shard {row['shard']}: {row['refusal']}")
+                continue
             done += 1
             rows_in += int(row["rows_in"])
             rows_out += int(row["rows_out"])
             if done % every == 0 or done == len(pending):
                 log.info("%s: %d/%d shards written", desc, done, len(pending))
+        if refusals:
+            raise InputError(f"{desc}: {len(refusals)} of {len(pending)} shards of {in_url} refused their input; {'; '.join(refusals[:10])}")
     log.info(
         "%s: wrote %d shards (%d rows in, %d rows out), skipped %d, in %.1f s -> %s",
         desc, done, rows_in, rows_out, skipped, time.monotonic() - started, out_url,
@@ -204,17 +213,24 @@ class _ShardWorker:
         self.transform = factory(**factory_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts: dict[str, list] = {"shard": [], "rows_in": [], "rows_out": []}
+        counts: dict[str, list] = {"shard": [], "rows_in": [], "rows_out": [], "refusal": []}
         for name, path, row_group in zip(batch["name"], batch["path"], batch["row_group"]):
             with self.in_fs.open_input_file(str(path)) as handle:
                 # The writer's schema metadata describes the input, not our output: Spark, for one,
                 # would read the output with the input's schema stored there.
                 table = pq.ParquetFile(handle).read_row_group(int(row_group)).replace_schema_metadata(None)
-            out = self.transform(table)
-            _write_atomically(self.out_fs, f"{self.out_root}/{name}{PARQUET_SUFFIX}", out)
+            try:
+                out, refusal = self.transform(table), ""
+            except InputError as refused:
+                # The input's fault, not the code's: the driver raises it by its message (Ray would
+                # wrap it in a UserCodeException); the shard stays unwritten.
+                out, refusal = table.slice(0, 0), str(refused)
+            else:
+                _write_atomically(self.out_fs, f"{self.out_root}/{name}{PARQUET_SUFFIX}", out)
             counts["shard"].append(str(name))
             counts["rows_in"].append(table.num_rows)
             counts["rows_out"].append(out.num_rows)
+            counts["refusal"].append(refusal)
         return {key: np.asarray(values) for key, values in counts.items()}
 
 

@@ -27,6 +27,7 @@ from sa2crq.data.validation import (
     validate_catalog,
     validate_interactions,
     validate_items,
+    validate_queries,
     write_rejects,
 )
 
@@ -56,5 +57,6 @@ __all__ = [
     "validate_catalog",
     "validate_interactions",
     "validate_items",
+    "validate_queries",
     "write_rejects",
 ]

@@ -51,6 +51,10 @@ items), ``unknown_item_id``
 ``duplicate_interaction`` (the same ``user_id``, ``item_id`` and ``timestamp`` as an earlier row: a
 re-sent partition would otherwise count its events twice in popularity; the first copy is kept).
 
+Query logs (``query_id``, ``query``, ``item_id``: what a query retriever trains on), in this order:
+``null_query_id``, ``null_item_id``, ``invalid_utf8`` (as for items), ``blank_query`` (the query text is null or
+blank after stripping, as an item's text), ``unknown_item_id`` (as for interactions).
+
 **Quarantine has a ceiling.** If the rejected share exceeds ``max_reject_fraction``, the input is refused
 with an :class:`InputError` naming the count, the share and up to ten example rows with their reasons: a
 mostly broken input is a pipeline bug, not dirty data. The default ceiling of 1.0 never refuses.
@@ -89,6 +93,7 @@ __all__ = [
     "InputError",
     "MAX_EMBEDDING_VALUE",
     "MIN_EMBEDDING_NORM",
+    "QUERY_REJECT_REASONS",
     "REJECTED_INTERACTIONS_FILE",
     "REJECTED_ITEMS_FILE",
     "REJECT_KEY_COLUMNS",
@@ -96,14 +101,17 @@ __all__ = [
     "Validated",
     "ValidatedCatalog",
     "check_interactions_schema",
+    "check_queries_schema",
     "check_embedding_mix",
     "check_item_id_types",
     "check_items_schema",
     "check_reject_ceiling",
+    "invalid_utf8_rows",
     "readable_rows",
     "validate_catalog",
     "validate_interactions",
     "validate_items",
+    "validate_queries",
     "write_catalog_rejects",
     "write_rejects",
 ]
@@ -132,9 +140,18 @@ INTERACTION_REJECT_REASONS: tuple[str, ...] = (
     "unknown_item_id",
     "duplicate_interaction",
 )
+QUERY_REJECT_REASONS: tuple[str, ...] = (
+    "null_query_id",
+    "null_item_id",
+    "invalid_utf8",
+    "blank_query",
+    "unknown_item_id",
+)
 
 # The columns that identify a row of each table, in refusal messages and examples.
-REJECT_KEY_COLUMNS: dict[str, tuple[str, ...]] = {"items": ("item_id",), "interactions": ("user_id", "item_id")}
+REJECT_KEY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "items": ("item_id",), "interactions": ("user_id", "item_id"), "queries": ("query_id", "item_id"),
+}
 # File names of a single-machine run's rejects (the jobs write the same tables under their version's prefix).
 REJECTED_ITEMS_FILE = "rejected_items.parquet"
 REJECTED_INTERACTIONS_FILE = "rejected_interactions.parquet"
@@ -195,7 +212,7 @@ def validate_items(
 
     ids = table["item_id"]
     n = table.num_rows
-    invalid_utf8 = _invalid_utf8(table)
+    invalid_utf8 = invalid_utf8_rows(table)
     if has_embedding:
         emb = _embedding_checks(table[EMBEDDING_COLUMN], embedding_dim)
     else:
@@ -231,12 +248,8 @@ def validate_interactions(
         raise InputError(f"{name}: input is empty (0 rows)")
     check_interactions_schema(table.schema)
 
-    known = known_item_ids.combine_chunks() if isinstance(known_item_ids, pa.ChunkedArray) else known_item_ids
-    item_type = table.schema.field("item_id").type
-    check_item_id_types(item_type, known.type)
-
+    unknown = _unknown_item_ids(name, table, known_item_ids)
     ids = table["item_id"]
-    in_catalog = pc.is_in(ids, value_set=known.drop_null().cast(item_type))
     event = ["user_id", "item_id", "timestamp"]
     first_copies = (
         table.select(event).append_column("_row", pa.array(np.arange(table.num_rows)))
@@ -248,11 +261,38 @@ def validate_interactions(
         "null_user_id": _to_bool(pc.is_null(table["user_id"])),
         "null_item_id": _to_bool(pc.is_null(ids)),
         "null_timestamp": _to_bool(pc.is_null(table["timestamp"])),
-        "invalid_utf8": _invalid_utf8(table),
-        "unknown_item_id": ~_to_bool(in_catalog),
+        "invalid_utf8": invalid_utf8_rows(table),
+        "unknown_item_id": unknown,
         "duplicate_interaction": repeated,
     }
     result = _quarantine(table, INTERACTION_REJECT_REASONS, rules)
+    check_reject_ceiling(name, result, max_reject_fraction)
+    return result
+
+
+def validate_queries(
+    table: pa.Table,
+    *,
+    known_item_ids: pa.Array | pa.ChunkedArray,
+    max_reject_fraction: float = 1.0,
+) -> Validated:
+    """Validate a query log (``query_id``, ``query``, ``item_id``) against the known item ids: the item and
+    interaction rules that apply to it, under the same names, and ``blank_query`` for its text."""
+    name = "queries"
+    _check_fraction(max_reject_fraction)
+    if table.num_rows == 0:
+        raise InputError(f"{name}: input is empty (0 rows)")
+    check_queries_schema(table.schema)
+    unknown = _unknown_item_ids(name, table, known_item_ids)
+    invalid_utf8 = invalid_utf8_rows(table)
+    rules = {
+        "null_query_id": _to_bool(pc.is_null(table["query_id"])),
+        "null_item_id": _to_bool(pc.is_null(table["item_id"])),
+        "invalid_utf8": invalid_utf8,
+        "blank_query": ~_has_text(table, ["query"], invalid_utf8),
+        "unknown_item_id": unknown,
+    }
+    result = _quarantine(table, QUERY_REJECT_REASONS, rules)
     check_reject_ceiling(name, result, max_reject_fraction)
     return result
 
@@ -354,15 +394,28 @@ def check_interactions_schema(schema: pa.Schema) -> None:
     _require_type(name, schema, "timestamp", _is_timestamp_type, "integer or timestamp")
 
 
-def check_item_id_types(interactions_item_type: pa.DataType, items_item_type: pa.DataType) -> None:
-    """Interactions must name items by the items' id type family (integer or string): nothing is coerced,
-    since a string id cast to a number (or back) joins the wrong item or none. Shared with Spark."""
-    if not _is_id_type(items_item_type):
-        raise InputError(f"known_item_ids: type {items_item_type} breaks rule 'int64 or string'")
-    if pa.types.is_integer(items_item_type) != pa.types.is_integer(interactions_item_type):
+def check_queries_schema(schema: pa.Schema) -> None:
+    """The table-level rules of a query log's schema."""
+    name = "queries"
+    _check_schema(name, schema, ("query_id", "query", "item_id"))
+    _require_type(name, schema, "query_id", _is_user_id_type, "integer or string")
+    _require_type(name, schema, "query", _is_text_type, "string")
+    _require_type(name, schema, "item_id", _is_id_type, "int64 or string")
+
+
+def check_item_id_types(
+    item_type: pa.DataType, known_type: pa.DataType, *, table: str = "interactions", column: str = "item_id",
+    known: str = "the items'",
+) -> None:
+    """A table (``table``'s ``column``) must name items by the known items' id type family (integer or string):
+    nothing is coerced, since a string id cast to a number (or back) joins the wrong item or none. Shared with
+    Spark, ingest (a batch against the published items) and generate (request histories)."""
+    if not _is_id_type(known_type):
+        raise InputError(f"known_item_ids: type {known_type} breaks rule 'int64 or string'")
+    if pa.types.is_integer(known_type) != pa.types.is_integer(item_type):
         raise InputError(
-            f"interactions: column 'item_id' has type {interactions_item_type} but the items' item_id has type "
-            f"{items_item_type}: both must be integer or both string"
+            f"{table}: column '{column}' has type {item_type} but {known} item_id has type "
+            f"{known_type}: both must be integer or both string"
         )
 
 
@@ -518,7 +571,15 @@ def _decoded(value: bytes | None) -> str | bytes | None:
         return value
 
 
-def _invalid_utf8(table: pa.Table) -> np.ndarray:
+def _unknown_item_ids(name: str, table: pa.Table, known_item_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """True where ``item_id`` is not among the known ids (of the same type family, or ``name`` is refused)."""
+    known = known_item_ids.combine_chunks() if isinstance(known_item_ids, pa.ChunkedArray) else known_item_ids
+    item_type = table.schema.field("item_id").type
+    check_item_id_types(item_type, known.type, table=name)
+    return ~_to_bool(pc.is_in(table["item_id"], value_set=known.drop_null().cast(item_type)))
+
+
+def invalid_utf8_rows(table: pa.Table) -> np.ndarray:
     """True where any string column's value is not valid UTF-8 (Arrow's string kernels raise on it)."""
     invalid = np.zeros(table.num_rows, dtype=bool)
     for field in table.schema:

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import torch
 
 from sa2crq.data.segments import segment_codes
+from sa2crq.data.validation import InputError, check_item_id_types, invalid_utf8_rows
 from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.ids.trie import META_FILE as TRIE_META_FILE
 from sa2crq.ids.trie import NODES_DIR, ROWS_DIR, SIDTrie
@@ -45,6 +46,7 @@ class CatalogView:
     segments: np.ndarray  # (N,) int8 segment codes
     embeddings: np.ndarray  # (N, D) float32, L2-normalised
     trie: SIDTrie
+    item_id_type: pa.DataType  # the SID table's: a request history names items by this type family
 
 
 def load_catalog_view(sids: PublishedVersion) -> CatalogView:
@@ -59,7 +61,7 @@ def load_catalog_view(sids: PublishedVersion) -> CatalogView:
     )  # fmt: skip
     return CatalogView(
         index, sid_token_matrix(table.column("sid")), path_token_matrix(table, SIDVocabulary.from_dict(sids.meta["vocab"])),
-        segment_codes(table.column("segment")), embeddings, trie,
+        segment_codes(table.column("segment")), embeddings, trie, table.schema.field("item_id").type,
     )  # fmt: skip
 
 
@@ -79,18 +81,9 @@ class Server:
         the top-K. History items the SID version does not know are left out; how many, per
         request, is returned so the job reports it.
         """
+        check_requests_schema(table.schema, "history", self.catalog.item_id_type)
         _require_values(table, ["request_id", "history"])
         history = table.column("history").combine_chunks()
-        if not (pa.types.is_list(history.type) or pa.types.is_large_list(history.type)):
-            raise ValueError(f"requests: 'history' must be a list of item ids, got {history.type}")
-        id_type = history.type.value_type
-        catalog_ids = self.catalog.index.item_ids.dtype
-        if pa.types.is_integer(id_type) != np.issubdtype(catalog_ids, np.integer):
-            raise ValueError(
-                f"requests: 'history' holds {id_type} item ids but this SID version's item ids are "
-                f"{'integers' if np.issubdtype(catalog_ids, np.integer) else 'strings'} (rule: a history lists item ids "
-                "of the catalog's item_id type)"
-            )
         lengths = pc.list_value_length(history).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         ids = pc.list_flatten(history).to_numpy(zero_copy_only=False)
         rows, known = self.catalog.index.locate(ids)
@@ -110,6 +103,7 @@ class Server:
 
     def query_requests(self, table: pa.Table, embed) -> Requests:
         """Requests from rows of ``request_id`` and ``query`` (text), embedded by ``embed(texts)``."""
+        check_requests_schema(table.schema, "query", self.catalog.item_id_type)
         _require_values(table, ["request_id", "query"])
         if self.generator.model.config.query_dim == 0:
             raise ValueError("this retriever was trained on histories only: it has no query input")
@@ -142,15 +136,39 @@ class Server:
 
 
 
+REQUEST_COLUMNS = {"history": ("request_id", "history"), "query": ("request_id", "query")}
+
+
+def check_requests_schema(schema: pa.Schema, request_kind: str, catalog_item_type: pa.DataType) -> None:
+    """The table-level rules of a request file, which ``generate`` checks on the file's schema before any
+    request is read: the kind's columns, a ``history`` that lists item ids of the catalog's id type family
+    (nothing is coerced: a cast id names another item or none), a string ``query``."""
+    columns = REQUEST_COLUMNS[request_kind]
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise InputError(f"requests: missing required column {', '.join(map(repr, missing))} "
+                         f"(columns present: {', '.join(schema.names) or 'none'})")  # fmt: skip
+    if request_kind == "history":
+        history = schema.field("history").type
+        if not (pa.types.is_list(history) or pa.types.is_large_list(history)):
+            raise InputError(f"requests: column 'history' has type {history}, breaks rule 'list of item ids'")
+        check_item_id_types(history.value_type, catalog_item_type, table="requests", column="history",
+                            known="this SID version's")  # fmt: skip
+    elif not (pa.types.is_string(schema.field("query").type) or pa.types.is_large_string(schema.field("query").type)):
+        raise InputError(f"requests: column 'query' has type {schema.field('query').type}, breaks rule 'string'")
+
+
 def _require_values(table: pa.Table, columns: list[str]) -> None:
-    """Requests are refused, naming rows, when a column is missing or holds nulls: a request
-    without an id or a body cannot be answered or matched back."""
+    """Requests are refused, naming rows, when a column holds nulls, or a string column bytes that are
+    not UTF-8: a request without an id or a body cannot be answered or matched back."""
     for column in columns:
-        if column not in table.column_names:
-            raise ValueError(f"requests: missing column {column!r} (columns present: {', '.join(table.column_names)})")
         nulls = np.flatnonzero(table.column(column).is_null().to_numpy(zero_copy_only=False))
         if len(nulls):
-            raise ValueError(f"requests: {len(nulls)} rows have a null {column!r} (rule: not null), e.g. rows {nulls[:10].tolist()}")
+            raise InputError(f"requests: {len(nulls)} rows have a null {column!r} (rule: not null), e.g. rows {nulls[:10].tolist()}")
+    broken = np.flatnonzero(invalid_utf8_rows(table))
+    if len(broken):
+        raise InputError(f"requests: {len(broken)} rows hold a string that is not valid UTF-8 (rule: invalid_utf8), "
+                         f"e.g. rows {broken[:10].tolist()}")  # fmt: skip
 
 
 def load_server(sids: PublishedVersion, retriever: PublishedVersion, generation: GenerationConfig, *, device: str | None = None) -> Server:
