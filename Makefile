@@ -29,7 +29,7 @@ test: $(STAMP)
 # which `make test` leaves out); the README's "Fault injection" tables come from FAULT_TABLE.
 FAULT_TABLE := out/faults/tables.md
 faults: $(STAMP)
-	$(BIN)/python -m pytest -m "fault_scenario or bad_input" --fault-table $(FAULT_TABLE)
+	$(BIN)/python -m pytest -m "fault_scenario or bad_input" --fault-table=$(FAULT_TABLE)
 
 # The pipeline on MovieLens-100K through local Spark, local Ray and a local S3 server (SeaweedFS,
 # data under $(DEMO_OUT)/object-store, started and stopped by each job). Each run starts from an

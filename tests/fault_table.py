@@ -3,7 +3,8 @@
 Tests say what they exercise with two markers (registered in pyproject.toml):
 ``@pytest.mark.fault_scenario(n)`` for scenario ``n`` of :data:`SCENARIOS` (issue 11's list), and
 ``@pytest.mark.bad_input(job, rule)`` for a job's input rule. At the end of a session run with
-``--fault-table PATH`` (or ``SA2CRQ_FAULT_TABLE=PATH``) this plugin writes two markdown tables to
+``--fault-table=PATH`` (or ``SA2CRQ_FAULT_TABLE=PATH``; with a space instead of ``=`` pytest takes an
+existing PATH for a test path before this plugin is loaded) this plugin writes two markdown tables to
 PATH and prints them in the terminal summary (``make faults``): every scenario with its tests, the
 outcome and the seconds they took (setup, call and teardown, so a module fixture's work counts once,
 where it ran), and every bad-input rule with its outcome. A scenario no collected test carries shows
@@ -120,8 +121,13 @@ class FaultTable:
 
 
 def _names(tests: list[_Test]) -> str:
-    # "tests/storage/test_publish.py::test_x[s3]" -> "test_publish.py::test_x[s3]": the file names are unique.
-    return "<br>".join(f"`{t.nodeid.rsplit('/', 1)[-1]}`" for t in sorted(tests, key=lambda t: t.nodeid))
+    return "<br>".join(f"`{_short(t.nodeid)}`" for t in sorted(tests, key=lambda t: t.nodeid))
+
+
+def _short(nodeid: str) -> str:
+    """The node id without the test file's directory (test file names are unique)."""
+    path, name = nodeid.split("::", 1)
+    return f"{path.rsplit('/', 1)[-1]}::{name}"
 
 
 def _result(tests: list[_Test]) -> str:

@@ -94,6 +94,7 @@ def _batch(base: dict, name: str, first_id: int, seed: int) -> str:
     return path
 
 
+@pytest.mark.fault_scenario(8)
 def test_two_ingests_and_a_recode_at_once_publish_one_chain_and_lose_nothing(base, capsys):
     parent = Publisher(SIDS).latest()
     batches = {"a": _batch(base, "batch-a", 10_000, 21), "b": _batch(base, "batch-b", 20_000, 22)}
@@ -170,6 +171,7 @@ sys.exit(main(["ingest", "--config", config]))
 """
 
 
+@pytest.mark.fault_scenario(9)
 def test_a_full_staging_disk_stops_the_ingest_clearly_and_publishes_nothing(base, tmp_path):
     import ray
 
