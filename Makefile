@@ -12,7 +12,7 @@ DEMO_OUT := out/demo
 export HF_HUB_OFFLINE := 1
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: venv test demo clean
+.PHONY: venv test faults demo clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Every test marked with a fault scenario or a bad-input rule (the slow fault scenarios included,
+# which `make test` leaves out); the README's "Fault injection" tables come from FAULT_TABLE.
+FAULT_TABLE := out/faults/tables.md
+faults: $(STAMP)
+	$(BIN)/python -m pytest -m "fault_scenario or bad_input" --fault-table=$(FAULT_TABLE)
 
 # The pipeline on MovieLens-100K through local Spark, local Ray and a local S3 server (SeaweedFS,
 # data under $(DEMO_OUT)/object-store, started and stopped by each job). Each run starts from an

@@ -4,9 +4,11 @@ Each job takes a typed config file (``--config FILE.yaml`` or ``.json``) and ``-
 overrides (precedence: defaults < file < --set; see :mod:`jobs.config`); ``--print-config`` shows
 the result with each value's source and runs nothing. A job ends by printing
 what it wrote where, with row counts. Exit codes: 0 done, 2 bad input or config, 3 refused
-(churn above the limit, or a retriever / SID version mismatch), 4 verification failed (``sa2crq
-versions verify`` found a published file missing, changed, or not in its manifest), 5 the local S3
-server's directory (``storage.local_server_dir``) is in use by another job's server.
+(churn above the limit, a retriever / SID version mismatch, or another job committed on the version
+this one built on), 4 verification failed (``sa2crq versions verify`` found a published file
+missing, changed, or not in its manifest; or a commit log holds a file that is not a commit), 5 the
+local S3 server's directory (``storage.local_server_dir``) is in use by another job's server, 6 the
+local disk under ``spark.staging_dir`` is full.
 """
 
 from __future__ import annotations
@@ -32,16 +34,21 @@ JOB_HELP = {
 REFUSED = 3
 VERIFY_FAILED = 4
 LOCAL_SERVER_DIR_IN_USE = 5
+STAGING_DISK_FULL = 6
 
 
 def main(argv: list[str] | None = None) -> int:
     from jobs.object_store import LocalS3ServerInUse
+    from sa2crq.storage.publish import CommitLogError
 
     try:
         return run(build_parser(), argv)
     except LocalS3ServerInUse as in_use:  # the message says whose server it is and what to do: no traceback
         print(f"error: {in_use}", file=sys.stderr)
         return LOCAL_SERVER_DIR_IN_USE
+    except CommitLogError as damaged:  # names the file and the repair; nothing was read or published
+        print(f"error: {damaged}", file=sys.stderr)
+        return VERIFY_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,8 +147,10 @@ QUIET_LOGGERS = ("py4j", "ray.data")
 
 
 def _run_job(args: argparse.Namespace) -> int:
+    from jobs.engines import StagingDiskFull
     from jobs.recode import ChurnLimitExceeded
     from sa2crq.retrieval.serving import VersionMismatchError
+    from sa2crq.storage.publish import ConcurrentPublishError
     from sa2crq.storage.published import ManifestMismatchError
 
     if args.log_level != "DEBUG":
@@ -159,9 +168,15 @@ def _run_job(args: argparse.Namespace) -> int:
     except (ChurnLimitExceeded, VersionMismatchError) as refused:
         print(f"refused: {refused}", file=sys.stderr)
         return REFUSED
+    except ConcurrentPublishError as moved:  # another job committed first; this attempt was discarded: run it again
+        print(f"refused: {moved} (nothing was published: run the job again)", file=sys.stderr)
+        return REFUSED
     except ManifestMismatchError as damaged:  # a published file changed after its commit: nothing was published
         print(f"error: {damaged}", file=sys.stderr)
         return VERIFY_FAILED
+    except StagingDiskFull as full:  # names the directory and what to do; the job discarded its attempt
+        print(f"error: {full}; nothing was published", file=sys.stderr)
+        return STAGING_DISK_FULL
     print(summary.format())
     if args.summary_json is not None:
         args.summary_json.write_text(summary.to_json())

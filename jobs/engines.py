@@ -6,6 +6,7 @@ cluster, and every hand-off between engines is parquet on storage, never driver 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -82,12 +83,21 @@ def ray_runtime(config: RayConfig) -> Iterator[None]:
         ray.shutdown()
 
 
+# A write the local disk refuses: no space, over quota, or past the process's file-size limit.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class StagingDiskFull(RuntimeError):
+    """The local staging directory (``spark.staging_dir``) took no more data; the job publishes nothing."""
+
+
 class SparkStaging:
     """Where Spark reads and writes the parquet of a job.
 
     With ``direct_object_store`` Spark uses the storage URLs itself (``s3://`` becomes ``s3a://``).
     Otherwise a local directory stands in: inputs are copied down before Spark reads them and
-    outputs copied up after Spark writes them, so the embedded Spark needs no S3 connector.
+    outputs copied up after Spark writes them, so the embedded Spark needs no S3 connector. A copy
+    down that finds the local disk full raises :class:`StagingDiskFull`, naming the directory.
     """
 
     def __init__(self, config: SparkConfig) -> None:
@@ -104,7 +114,8 @@ class SparkStaging:
         if self._spark_reaches(version.url):
             return spark.read.parquet(*(_spark_url(url) for url in version.checked_urls(part)))
         local = self._local_dir()
-        version.copy(part, str(local))
+        with self._local_disk():
+            version.copy(part, str(local))
         return spark.read.parquet(str(local))
 
     def write(self, frame: "DataFrame", url: str) -> None:
@@ -122,7 +133,8 @@ class SparkStaging:
         if self._spark_reaches(url):
             return _spark_url(url)
         local = self._local_dir()
-        copy_tree(url, str(local))
+        with self._local_disk():
+            copy_tree(url, str(local))
         return str(local)
 
     def _spark_reaches(self, url: str) -> bool:
@@ -130,6 +142,18 @@ class SparkStaging:
 
     def _local_dir(self) -> Path:
         return self.local_root / f"{next(self._local_dirs):03d}"
+
+    @contextmanager
+    def _local_disk(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as err:
+            if err.errno not in _DISK_FULL:
+                raise
+            raise StagingDiskFull(
+                f"the local disk under the Spark staging directory {self.local_root.parent} (spark.staging_dir) is full "
+                f"({os.strerror(err.errno)}): free space there or set spark.staging_dir to a larger disk, then run the job again",
+            ) from err
 
 
 def _spark_url(url: str) -> str:

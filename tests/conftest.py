@@ -12,6 +12,10 @@ import torch
 from jobs.object_store import LocalS3Server, set_endpoint
 from sa2crq.config import TokenizerConfig
 
+# fault_table: `--fault-table=PATH` writes the fault-scenario and bad-input tables (make faults);
+# pytester runs that plugin on a suite of its own (tests/test_fault_table.py).
+pytest_plugins = ["fault_table", "pytester"]
+
 
 @dataclass(frozen=True)
 class Catalog:

@@ -16,6 +16,12 @@ the winner, so no update is lost (the optimistic concurrency of Delta Lake's and
 There is no lock, no lease and no clock to compare: a publisher killed at any point leaves no
 commit (its files are an unpublished attempt) or a whole one. A storage error other than "already
 exists" is raised as itself, never reported as a conflict.
+
+The log holds only what publishers write: files not named like a commit (another tool's notes, a
+temporary) are ignored, but a commit-named file that is not a whole commit record, a missing
+number or a commit whose parent is not the previous commit's version is damage no publisher
+causes (each commit is created whole, in one step). Readers and publishers then stop with
+:class:`CommitLogError` naming the file, rather than guess which versions are published.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ _COMMIT_NAME = re.compile(r"^(\d{20})\.json$")
 
 class ConcurrentPublishError(RuntimeError):
     """Another publisher committed since this one read the latest version: rebuild on it and publish again."""
+
+
+class CommitLogError(RuntimeError):
+    """The commit log holds a file named like a commit that is not one, or its commits do not chain."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +96,15 @@ class Publisher:
         numbers = sorted(int(m.group(1)) for p in self.fs.ls(base, detail=False) if (m := _COMMIT_NAME.match(p.rstrip("/").rsplit("/", 1)[-1])))
         for number in numbers:
             if number not in self._commits:
-                self._commits[number] = Commit(**json.loads(self.fs.cat_file(self._commit_path(number))))
-        return [self._commits[n] for n in numbers]
+                self._commits[number] = self._read_commit(number)
+        history = [self._commits[n] for n in numbers]
+        for expected, commit in enumerate(history):
+            if commit.number != expected:
+                self._damaged(f"commit #{expected} is missing (the next file is {self._commit_name(commit.number)})")
+            previous = history[expected - 1].version if expected else None
+            if commit.parent != previous:
+                self._damaged(f"{self._commit_name(commit.number)} names parent {commit.parent}, but the commit before it names {previous}")
+        return history
 
     def latest(self) -> str | None:
         """The version the newest commit names, or None before the first publish."""
@@ -149,7 +166,31 @@ class Publisher:
             self.fs.rm(self.version_path(version), recursive=True)
 
     def _commit_path(self, number: int) -> str:
-        return f"{self.root}/{COMMITS}/{number:020d}.json"
+        return f"{self.root}/{COMMITS}/{self._commit_name(number)}"
+
+    @staticmethod
+    def _commit_name(number: int) -> str:
+        return f"{number:020d}.json"
+
+    def _read_commit(self, number: int) -> Commit:
+        """Commit ``number`` as its file holds it; :class:`CommitLogError` when the file is not a commit record."""
+        data = self.fs.cat_file(self._commit_path(number))
+        try:
+            record = json.loads(data)
+            commit = Commit(**record)
+        except (ValueError, TypeError):  # empty, not JSON (ValueError), not a commit's fields (TypeError)
+            what = "empty" if not data else f"not a commit record ({len(data):,} bytes: {data[:60]!r})"
+            self._damaged(f"{self._commit_name(number)} is {what}")
+        if commit.number != number or not isinstance(commit.version, str):
+            self._damaged(f"{self._commit_name(number)} is not a commit record of #{number}: {record}")
+        return commit
+
+    def _damaged(self, problem: str):
+        raise CommitLogError(
+            f"the commit log {self.root_url}/{COMMITS} is damaged: {problem}. A publisher creates each commit whole, "
+            f"so another tool or a damaged store wrote this; nothing is read or published from this log until it is repaired "
+            f"by hand (move a file that is not a commit out of {COMMITS}/, keeping it to inspect)"
+        )
 
     def _create_commit(self, commit: Commit) -> None:
         path = self._commit_path(commit.number)
@@ -158,7 +199,7 @@ class Publisher:
             self._exclusive_write(path, json.dumps(asdict(commit), sort_keys=True).encode())
         except OSError as err:
             # The log decides: our own create may have landed before the error (a lost reply, retried).
-            winner = json.loads(self.fs.cat_file(path))["version"] if self.fs.exists(path) else None
+            winner = self._read_commit(commit.number).version if self.fs.exists(path) else None
             if winner == commit.version:
                 return
             if _already_exists(err):

@@ -102,6 +102,7 @@ def test_evaluate_reads_only_the_files_the_manifests_list(store):
 
 @pytest.mark.parametrize("changed", [f"sids/{layout.EMBEDDINGS}/part-0.parquet", f"sids/{layout.TRIE}/trie.json",
                                      f"retrievers/{layout.RETRIEVER}/model.safetensors"])  # fmt: skip
+@pytest.mark.fault_scenario(7)
 def test_evaluate_fails_naming_a_file_changed_after_publish_and_leaves_the_store_as_it_was(store, changed, capsys):
     root, _, config, assignments = store
     kind, relative = changed.split("/", 1)
@@ -122,6 +123,7 @@ def test_evaluate_fails_naming_a_file_changed_after_publish_and_leaves_the_store
     assert not Path(config.out).exists()
 
 
+@pytest.mark.fault_scenario(7)
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_spark_reads_exactly_the_listed_parquet_files_each_checked(spark, request, tmp_path, where):
     """SparkStaging.read_published: Spark reads a local version's listed files in place, and an object

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -25,10 +29,12 @@ HIDDEN = [".part-9.parquet.tmp", "_SUCCESS", "_temporary/part-5.parquet", ".stag
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def scaled_stage(factor: int, failing_item: int | None = None) -> Callable[[pa.Table], pa.Table]:
-    """A stand-in stage: adds ``value * factor`` as ``scaled``; fails on the shard holding ``failing_item``."""
+def scaled_stage(factor: int, failing_item: int | None = None, seconds: float = 0.0) -> Callable[[pa.Table], pa.Table]:
+    """A stand-in stage: adds ``value * factor`` as ``scaled``, taking ``seconds`` a shard; fails on
+    the shard holding ``failing_item``."""
 
     def scale(table: pa.Table) -> pa.Table:
+        time.sleep(seconds)
         if failing_item in table["item_id"].to_pylist():
             raise RuntimeError(f"item {failing_item} is bad")
         return table.append_column("scaled", pc.multiply(table["value"], factor))
@@ -137,6 +143,44 @@ def test_map_shards_writes_each_shard_once_and_resumes_after_a_failure(tmp_path,
     after = _snapshot(out)
     assert {name: v for name, v in after.items() if name != redo} == {n: v for n, v in written.items() if n != redo}
     assert after[redo][1] == written[redo][1]  # the same bytes again: the output is a function of the shard
+
+
+@pytest.mark.fault_scenario(5)
+@pytest.mark.slow_fault
+@pytest.mark.timeout(240)
+def test_map_shards_survives_an_actor_killed_mid_shard(tmp_path, ray_local):
+    """Ray Data restarts a dead pool actor and retries its shard (its actors run with max_restarts and
+    max_task_retries -1 unless told otherwise): the stage completes, every shard counted once, with
+    the output of an undisturbed run. The stages embed, encode and generate all run on map_shards."""
+    from ray._private.state import actors  # the GCS's actor table: works without the dashboard
+
+    expected = _write_inputs(_write_local(tmp_path / "in"))
+    names = [f"{n}.parquet" for n in _expected_names()]
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_an_actor_mid_shard() -> None:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # both actors are half-way through their next shard (a second each)
+        pool = [a["Pid"] for a in actors(actor_state_name="ALIVE").values() if a["ActorClassName"].startswith("MapWorker(")]
+        if pool and time.monotonic() < deadline:
+            os.kill(pool[0], signal.SIGKILL)
+            killed.append(pool[0])
+
+    killer = threading.Thread(target=kill_an_actor_mid_shard, daemon=True)
+    killer.start()
+    result = map_shards(str(tmp_path / "in"), str(out), scaled_stage, {"factor": 2, "seconds": 1.0}, actors=2, desc="scale")
+    killer.join()
+
+    assert killed, "no pool actor was killed while the stage ran"
+    assert (result.shards_total, result.shards_done, result.shards_skipped) == (len(names), len(names), 0)
+    assert result.rows_in == result.rows_out == expected.num_rows  # each shard counted once
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == names
+    undisturbed = scaled_stage(2)  # what each shard's output is, the stage applied to it in this process
+    for shard in list_shards(str(tmp_path / "in")):
+        assert pq.read_table(out / f"{shard.name}.parquet").equals(undisturbed(pq.ParquetFile(shard.path).read_row_group(shard.row_group))), shard.name
 
 
 @pytest.mark.timeout(180)

@@ -191,6 +191,7 @@ def test_a_train_run_restarts_its_workers_a_finite_number_of_times():
         TrainRun(name="run", storage_path="runs", max_failures=-1)  # Ray's "forever"
 
 
+@pytest.mark.fault_scenario(6)
 @pytest.mark.timeout(240)
 def test_fit_retriever_resumes_from_the_last_evaluation_when_a_worker_dies(ray_local, tmp_path):
     from ray._private.state import actors  # the GCS's actor table: works without the dashboard

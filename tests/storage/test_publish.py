@@ -32,6 +32,7 @@ def test_a_version_is_visible_only_once_published(root):
     assert publisher.manifest(first).meta == {"rows": 1}
 
 
+@pytest.mark.fault_scenario(2)
 @pytest.mark.timeout(120)
 def test_a_killed_job_leaves_the_previous_version_latest_and_readable(root):
     publisher = Publisher(root)
@@ -43,6 +44,7 @@ def test_a_killed_job_leaves_the_previous_version_latest_and_readable(root):
     assert publisher.fs.cat_file(f"{publisher.version_path(first)}/part-0.txt") == b"a"
 
 
+@pytest.mark.fault_scenario(1)
 @pytest.mark.timeout(120)
 def test_a_stale_parent_is_refused_and_the_retry_loses_nothing(root):
     publisher = Publisher(root)
@@ -58,6 +60,7 @@ def test_a_stale_parent_is_refused_and_the_retry_loses_nothing(root):
     assert publisher.latest() == rebuilt and publisher.manifest(rebuilt).parent == theirs
 
 
+@pytest.mark.fault_scenario(8)
 @pytest.mark.timeout(120)
 def test_concurrent_publishers_form_one_chain(root):
     def worker(n: int) -> None:
@@ -84,6 +87,7 @@ def test_concurrent_publishers_form_one_chain(root):
     assert len(chain) == 4  # every publish is on the chain: no update was lost
 
 
+@pytest.mark.fault_scenario(2)
 @pytest.mark.timeout(120)
 def test_a_job_killed_between_manifest_and_commit_publishes_nothing(root):
     publisher = Publisher(root)
@@ -101,6 +105,7 @@ def test_a_job_killed_between_manifest_and_commit_publishes_nothing(root):
     assert not any("lock" in p.lower() for p in publisher.fs.ls(publisher.root, detail=False))  # nothing to go stale
 
 
+@pytest.mark.fault_scenario(1)
 @pytest.mark.timeout(120)
 def test_two_writers_racing_for_one_commit_number_cannot_both_win(root):
     """The slow writer read the log before the fast one committed: its create of the same number fails

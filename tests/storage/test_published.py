@@ -64,6 +64,7 @@ def test_an_untouched_version_reads_its_listed_files(published):
 KINDS = {"same size": "sha256", "other size": "size", "deleted": "missing"}
 
 
+@pytest.mark.fault_scenario(7)
 @pytest.mark.parametrize("change", list(KINDS))
 def test_a_file_changed_after_publish_is_an_error_naming_version_file_and_both_values(published, change):
     publisher, version = published
@@ -88,6 +89,7 @@ def test_a_file_changed_after_publish_is_an_error_naming_version_file_and_both_v
     assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)
 
 
+@pytest.mark.fault_scenario(7)
 def test_a_copy_checks_every_file_and_leaves_markers_out(published, tmp_path):
     publisher, version = published
     PublishedVersion.open(publisher, version).copy(layout.SID_TABLE, str(tmp_path / "copy"))

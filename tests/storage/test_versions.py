@@ -59,6 +59,7 @@ def test_verify_passes_on_an_untouched_version(root):
     assert check.ok and check.checked == 3 and format_check(check).startswith("ok ")
 
 
+@pytest.mark.fault_scenario(7)
 @pytest.mark.timeout(120)
 def test_verify_names_each_file_changed_deleted_or_added_after_publish(root):
     publisher = Publisher(root)

@@ -57,6 +57,7 @@ def test_show_copies_a_versions_report_page_to_a_local_file(store, tmp_path, cap
     assert code == 2 and not (tmp_path / "none.html").exists()
 
 
+@pytest.mark.fault_scenario(7)
 @pytest.mark.timeout(120)
 def test_verify_exits_non_zero_naming_the_damaged_file(store, capsys):
     sids = Publisher(f"{store}/sids")
