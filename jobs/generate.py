@@ -25,7 +25,7 @@ from jobs.object_store import object_store
 from jobs.publishing import read_json, resolve_version, write_json
 from jobs.summary import JobSummary
 from sa2crq.retrieval.serving import VersionMismatchError
-from sa2crq.storage.filesystem import resolve_filesystem
+from sa2crq.storage.filesystem import parquet_rows, resolve_filesystem
 from sa2crq.storage.publish import Publisher
 from sa2crq.storage.published import PublishedVersion
 
@@ -81,7 +81,7 @@ def run_generate(config: GenerateConfig) -> JobSummary:
         )  # fmt: skip
         seconds = time.perf_counter() - started
         # Over every part, this run's and an earlier attempt's: the version holds them all.
-        requests_in, candidate_rows = _parquet_rows(config.requests), _parquet_rows(parts)
+        requests_in, candidate_rows = parquet_rows(config.requests), parquet_rows(parts)
         if requests_in != candidate_rows:
             raise RuntimeError(f"generate: {requests_in} requests in but {candidate_rows} candidate rows out")
         meta = {"job": "generate", **run, "requests_in": requests_in, "candidate_rows": candidate_rows, "shards": result.shards_total}
@@ -120,11 +120,3 @@ def _pin_run(candidates: Publisher, run: dict) -> str:
             f"write these candidates to a new out, or delete {candidates.root_url}"
         )
     return version
-
-
-def _parquet_rows(url: str) -> int:
-    """Rows of the parquet files under ``url`` (a directory or one file), from their footers."""
-    import pyarrow.dataset as ds
-
-    fs, path = resolve_filesystem(url)
-    return ds.dataset(path, filesystem=fs, format="parquet").count_rows()
