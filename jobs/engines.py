@@ -119,11 +119,14 @@ class SparkStaging:
         return spark.read.parquet(str(local))
 
     def write(self, frame: "DataFrame", url: str) -> None:
+        """Replace whatever is at ``url`` with ``frame`` as parquet: the files of an earlier,
+        interrupted write (a killed recode's, which its rerun redoes) must not stay beside the new ones."""
         if self._spark_reaches(url):
             frame.write.mode("overwrite").parquet(_spark_url(url))
             return
         local = self._local_dir()
         frame.write.mode("overwrite").parquet(str(local))
+        remove_tree(url)
         copy_tree(str(local), url)
 
     def cleanup(self) -> None:

@@ -30,7 +30,7 @@ from jobs.publishing import read_json, resolve_version, write_json
 from jobs.summary import JobSummary
 from sa2crq.retrieval.serving import VersionMismatchError, check_requests_schema
 from sa2crq.storage import layout
-from sa2crq.storage.filesystem import resolve_filesystem
+from sa2crq.storage.filesystem import parquet_dataset, parquet_rows, resolve_filesystem
 from sa2crq.storage.publish import Publisher
 from sa2crq.storage.published import PublishedVersion
 
@@ -63,7 +63,7 @@ def run_generate(config: GenerateConfig) -> JobSummary:
             )
         sid_files = PublishedVersion.open(sids, sid_version)
         # The request file's table-level rules, before anything is written or any actor starts.
-        check_requests_schema(_parquet_schema(config.requests), config.request_kind,
+        check_requests_schema(parquet_dataset(config.requests).schema, config.request_kind,
                               sid_files.parquet_schema(layout.SID_TABLE).field("item_id").type)  # fmt: skip
         out = config.out.rstrip("/")
         candidates = Publisher(out)
@@ -90,7 +90,7 @@ def run_generate(config: GenerateConfig) -> JobSummary:
         )  # fmt: skip
         seconds = time.perf_counter() - started
         # Over every part, this run's and an earlier attempt's: the version holds them all.
-        requests_in, candidate_rows = _parquet_rows(config.requests), _parquet_rows(parts)
+        requests_in, candidate_rows = parquet_rows(config.requests), parquet_rows(parts)
         if requests_in != candidate_rows:
             raise RuntimeError(f"generate: {requests_in} requests in but {candidate_rows} candidate rows out")
         meta = {"job": "generate", **run, "requests_in": requests_in, "candidate_rows": candidate_rows, "shards": result.shards_total}
@@ -129,20 +129,3 @@ def _pin_run(candidates: Publisher, run: dict) -> str:
             f"write these candidates to a new out, or delete {candidates.root_url}"
         )
     return version
-
-
-def _parquet_rows(url: str) -> int:
-    """Rows of the parquet files under ``url`` (a directory or one file), from their footers."""
-    return _dataset(url).count_rows()
-
-
-def _parquet_schema(url: str) -> pa.Schema:
-    """The schema of the parquet files under ``url``, from a footer."""
-    return _dataset(url).schema
-
-
-def _dataset(url: str):
-    import pyarrow.dataset as ds
-
-    fs, path = resolve_filesystem(url)
-    return ds.dataset(path, filesystem=fs, format="parquet")

@@ -51,6 +51,21 @@ def read_parquet(path: PathLike, columns: list[str] | None = None):
     return pq.read_table(inner, filesystem=fs, columns=columns).replace_schema_metadata(None)
 
 
+def parquet_dataset(path: PathLike):
+    """A parquet file or a directory of parquet files as a ``pyarrow.dataset.Dataset``, whose schema
+    and row count come from the footers (files named ``_*`` or ``.*``, such as a writer's
+    temporaries, are not part of it)."""
+    import pyarrow.dataset as ds
+
+    fs, inner = resolve_filesystem(path)
+    return ds.dataset(inner, filesystem=fs, format="parquet")
+
+
+def parquet_rows(path: PathLike) -> int:
+    """Rows of a parquet file or a directory of parquet files, from their footers."""
+    return parquet_dataset(path).count_rows()
+
+
 def write_parquet(table, path: PathLike) -> None:
     """One parquet file at ``path`` (local or any fsspec URL), parent directories created."""
     import pyarrow.parquet as pq

@@ -19,6 +19,7 @@ REJECTS = "rejects"  # items.parquet, interactions.parquet: quarantined input ro
 REPORT = "report.json"
 REPORT_PAGE = "report.html"  # the report as a page with plots (sa2crq.metrics.html_report), beside the JSON
 WORK = "_work"  # the job's scratch inside the version; removed before the manifest is written
+STAGES = "_stages"  # recode's run key and a record per completed stage (jobs.recode_attempts); removed likewise
 
 # --- retriever versions, written by train-retriever ---------------------------------------------
 RETRIEVER = "retriever"  # safetensors + JSON, records the SID version it was trained on

@@ -115,6 +115,16 @@ class Publisher:
         """Published versions, oldest first."""
         return [c.version for c in self.commits()]
 
+    def unpublished(self) -> list[str]:
+        """Version directories no commit names (jobs in flight, and attempts that failed, were
+        killed or were refused), oldest first."""
+        base = f"{self.root}/versions"
+        if not self.fs.exists(base):
+            return []
+        published = set(self.versions())
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+        return [name for name in names if name not in published]
+
     def manifest(self, version: str) -> Manifest:
         """The manifest of a published version."""
         # A version a commit already read names is published for good (commits never change): only

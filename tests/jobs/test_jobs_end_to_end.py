@@ -8,6 +8,7 @@ reused and a fresh tokenizer exercise stability and the churn guard, then ingest
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ from jobs.evaluate import run_evaluate
 from jobs.generate import PARTS, run_generate
 from jobs.ingest import run_ingest
 from jobs.recode import ChurnLimitExceeded, run_recode
+from jobs.recode_attempts import STAGES
 from jobs.train_retriever import run_train_retriever
 from ray_workers.shards import input_fingerprint
 from sa2crq.data.segments import segment_codes
@@ -40,6 +42,7 @@ from sa2crq.storage.checkpoint import TENSORS_FILE
 from sa2crq.storage.filesystem import read_parquet
 from sa2crq.storage.publish import Publisher
 from sa2crq.storage.published import ManifestMismatchError, PublishedVersion
+from sa2crq.storage.versions import verify_version
 
 from conftest import make_catalog
 
@@ -116,9 +119,10 @@ def test_recode_publishes_a_version_whose_spark_sids_equal_the_library(data):
     files = publisher.manifest(summary.version).files
     for part in (layout.SID_TABLE, layout.EMBEDDINGS, layout.CODES, layout.CATALOG, layout.TOKENIZER, layout.TRIE, layout.REJECTS):
         assert any(name.startswith(part + "/") for name in files), part
-    assert layout.REPORT in files and not any(name.startswith(layout.WORK) for name in files)
+    assert layout.REPORT in files and not any(name.startswith((layout.WORK, layout.STAGES)) for name in files)
 
     report = summary.report
+    assert report["resumed"] == []
     items_in = report["input"]["items"]
     assert items_in == {"rows_in": N_ITEMS, "rows_out": N_ITEMS - 1, "rejected": 1, "by_reason": {"no_text_or_embedding": 1}}
     bad_item = pq.read_table(data["items"]).column("item_id")[5]
@@ -146,35 +150,53 @@ def test_recode_publishes_a_version_whose_spark_sids_equal_the_library(data):
     assert len(view.index) == N_ITEMS - 1 and view.trie.n_sids == len(set(map(tuple, table.column("sid").to_pylist())))
 
 
-def test_a_recode_killed_before_publishing_leaves_the_previous_version(data, tmp_path):
+@pytest.mark.fault_scenario(10)
+def test_a_recode_killed_mid_run_leaves_the_previous_version_and_its_rerun_resumes(data, tmp_path, caplog):
+    """Fault scenario 10. The killed recode reuses the latest version's tokenizer on that version's
+    inputs, so an undisturbed run publishes exactly its SID table (the stability rule keeps every
+    item whose codes did not change): the resumed run must publish that table."""
     publisher = Publisher(f"{ROOT}/sids")
     before = (publisher.latest(), publisher.versions())
     config = tmp_path / "recode.json"
-    overrides = {"items": data["items"], "interactions": data["train"], "tokenizer": TOKENIZER, "storage": {"root": ROOT},
-                 "ray": {"num_cpus": 1, "train_workers": 1, "cpus_per_train_worker": 0.5, "actors": 1, "cpus_per_actor": 0.5},
+    overrides = {"items": data["items"], "interactions": data["train"], "tokenizer": TOKENIZER, "reuse_tokenizer": before[0],
+                 "storage": {"root": ROOT},
+                 "ray": {"num_cpus": 1, "train_workers": 2, "cpus_per_train_worker": 0.5, "actors": 1, "cpus_per_actor": 0.5},
                  "spark": {"master": "local[1]", "staging_dir": str(tmp_path / "staging")}}  # fmt: skip
     config.write_text(json.dumps(overrides))
     env = {**os.environ, "RAY_ADDRESS": ""}  # its own Ray, as a separate job would have
     job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "recode", "--config", str(config)], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     fs = fsspec.filesystem("s3", use_listings_cache=False)
+    versions = "jobs-e2e/catalog/sids/versions"
     try:
-        # Kill it once it has written part of a new version: its embeddings.
+        # Kill it mid-run, once its embed stage is recorded complete.
         deadline = time.monotonic() + 300
-        while not any(p.endswith(f"/{layout.EMBEDDINGS}") for p in _new_version_dirs(fs, before[1])):
+        while not (recorded := fs.glob(f"{versions}/*/{layout.STAGES}/embed.json")):
             assert job.poll() is None, "the recode ended before it could be killed"
-            assert time.monotonic() < deadline, "the recode never wrote its embeddings"
-            time.sleep(0.5)
+            assert time.monotonic() < deadline, "the recode never completed its embed stage"
+            time.sleep(0.2)
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-    assert (publisher.latest(), publisher.versions()) == before
-    load_catalog_view(PublishedVersion.open(publisher, before[0]))  # the previous version is still whole
+    attempt = recorded[0].split("/")[4]
+    assert (publisher.latest(), publisher.versions()) == before  # nothing published, nothing lost
+    assert verify_version(publisher, before[0]).ok  # the previous version is whole
+    completed = [stage for stage in STAGES if fs.exists(f"{versions}/{attempt}/{layout.STAGES}/{stage}.json")]
+    assert completed[:2] == ["split", "embed"] and len(completed) < len(STAGES)
 
-
-def _new_version_dirs(fs, known: list[str]) -> list[str]:
-    base = "jobs-e2e/catalog/sids/versions"
-    return [p for p in fs.find(base, withdirs=True) if p.count("/") == 5 and p.split("/")[4] not in known]
+    with caplog.at_level(logging.INFO, logger="jobs.recode"):
+        resumed = run_recode(load_job_config("recode", str(config), []))
+    assert resumed.published and resumed.version == attempt and publisher.latest() == attempt
+    assert publisher.versions() == [*before[1], attempt] and publisher.manifest(attempt).parent == before[0]
+    assert resumed.report["resumed"] == completed
+    assert f"resuming {attempt}: skipping stages {', '.join(completed)}" in caplog.text
+    assert not {"validate", "catalog split", "embed"} & resumed.report["seconds"].keys()  # skipped stages did not run
+    assert verify_version(publisher, attempt).ok  # its records and scratch are gone, every file is listed
+    assert resumed.report["stability"]["pinned"] == N_ITEMS - 1
+    expected, table = _sid_table(before[0]), _sid_table(attempt)
+    assert table.column_names == expected.column_names
+    for column in expected.column_names:  # types and values; only not-null flags differ between Spark's two SID paths
+        assert table.column(column).equals(expected.column(column)), column
 
 
 def test_train_generate_resume_and_evaluate(data, tmp_path):
@@ -259,6 +281,7 @@ def test_reused_tokenizer_keeps_sids_and_the_churn_guard_refuses_a_new_one(data,
     assert publisher.latest() == reused.version
     forced = run_recode(fresh, force=True)
     assert forced.published and publisher.latest() == forced.version and forced.report["churn"]["churn"] > 0.05
+    assert forced.report["resumed"] == list(STAGES)  # it publishes the refused attempt's files, computing nothing again
     remap = read_parquet(f"{publisher.version_url(forced.version)}/{layout.REMAP}")
     assert remap.num_rows == forced.report["churn"]["changed"]
 
