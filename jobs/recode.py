@@ -12,7 +12,7 @@ commit names it, created only if the latest version is still the one it built on
 A recode resumes at stage granularity (:mod:`jobs.recode_attempts`): each stage (split, which
 validates too, embed, tokenizer, encode, sids, trie, report) records itself in the unpublished
 version once its outputs are complete, so a recode that failed or was killed leaves a resumable
-attempt, and a rerun with the same run key (config, parent version, input content) skips the
+attempt, and a rerun with the same run key (config, parent version, input files) skips the
 stages it recorded ("resuming <version>: skipping stages ..." in the log, ``report["resumed"]``)
 and redoes the rest: a Spark stage rewrites its outputs whole, embed and encode do only the shards
 not written yet. A recode that lost the commit race to another publisher discards its files. A recode

@@ -4,10 +4,10 @@ An attempt writes ``<version>/_stages/run.json`` (its run key and parent) when i
 ``<version>/_stages/<stage>.json`` after each stage's outputs are complete, holding what later
 stages need from it (row counts, segment counts, the fit report, ...). The run key fingerprints
 everything that decides the recode's output: the config, less where and how the engines run and the
-publish limits (:data:`NOT_IN_RUN_KEY`), the parent version, and the content of the items and
-interactions (:func:`ray_workers.shards.input_fingerprint`). A rerun with the same key finds the newest
-attempt that has it, skips its recorded stages and goes on in the same directory; any other key
-starts a new version. The records are removed before the manifest is written, so no published
+publish limits (:data:`NOT_IN_RUN_KEY`), the parent version, and a snapshot of the items and
+interactions (:func:`ray_workers.shards.input_snapshot`: each file's path, size and mtime). A
+rerun with the same key finds the newest attempt that has it, skips its recorded stages and goes on
+in the same directory; any other key starts a new version. The records are removed before the manifest is written, so no published
 version holds them.
 
 Nothing accumulates: opening an attempt discards the older attempts of the same key, and every
@@ -52,14 +52,15 @@ NOT_IN_RUN_KEY: dict[str, tuple[str, ...] | None] = {
     "churn_limit": None,
     "removed_limit": None,
     # Kept: train_workers and use_gpu, which change the data-parallel tokenizer fit.
-    "ray": ("address", "num_cpus", "actors", "cpus_per_actor", "gpus_per_actor", "cpus_per_train_worker"),
+    "ray": ("address", "num_cpus", "actors", "cpus_per_actor", "gpus_per_actor", "cpus_per_train_worker", "train_max_failures"),
 }
 
 
 def run_key(config: RecodeConfig, parent: str | None) -> str:
     """``sha256:`` over the recode's config (less :data:`NOT_IN_RUN_KEY`), its parent version and
-    the content fingerprints of its items and interactions (every input byte is read once)."""
-    from ray_workers.shards import input_fingerprint
+    the snapshots of its items and interactions (path, size and modification time of each file:
+    a listing, not a read, as a nightly input may be terabytes; a rewritten input starts afresh)."""
+    from ray_workers.shards import input_snapshot
 
     settings = config_dict(config)
     for name, fields in NOT_IN_RUN_KEY.items():
@@ -70,8 +71,8 @@ def run_key(config: RecodeConfig, parent: str | None) -> str:
     material = {
         "config": settings,
         "parent": parent,
-        "items": input_fingerprint(config.items),
-        "interactions": input_fingerprint(config.interactions),
+        "items": input_snapshot(config.items),
+        "interactions": input_snapshot(config.interactions),
     }
     return "sha256:" + hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 

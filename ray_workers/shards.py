@@ -101,6 +101,17 @@ def input_fingerprint(url: str) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def input_snapshot(url: str) -> str:
+    """Identity of the parquet input :func:`list_shards` reads, from one listing and no reads:
+    ``sha256:`` over one line per file, in sorted path order, of its path under ``url``, its size and
+    its modification time. A file rewritten since (even with the same content) gives another
+    snapshot; for a content fingerprint, which reads every byte, use :func:`input_fingerprint`."""
+    fs, base, files = _input_files(url)
+    infos = sorted(fs.get_file_info(files), key=lambda info: posixpath.relpath(info.path, base))
+    lines = (f"{posixpath.relpath(info.path, base)}\t{info.size}\t{info.mtime_ns}\n" for info in infos)
+    return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def _input_files(url: str) -> tuple[pafs.FileSystem, str, list[str]]:
     """The filesystem, base directory and parquet files of ``url`` (a directory, or one file)."""
     fs, root = resolve_filesystem(url)

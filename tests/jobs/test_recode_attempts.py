@@ -72,3 +72,14 @@ def test_attempts_that_can_never_publish_are_discarded_and_published_versions_ke
     publisher.fs.pipe_file(f"{publisher.version_path(duplicate)}/{layout.STAGES}/run.json", b'{"key": "sha256:a", "parent": "%s"}' % published.encode())
     resumed = open_attempt(publisher, "sha256:a", parent=published)
     assert resumed.version == duplicate and publisher.unpublished() == [in_flight, duplicate]
+
+
+def test_an_input_rewritten_with_the_same_content_starts_a_fresh_attempt(tmp_path):
+    import os
+
+    _write_inputs(tmp_path)
+    key = run_key(_config(tmp_path), parent="v1")
+    stat = os.stat(tmp_path / "train.parquet")
+    os.utime(tmp_path / "train.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # rewritten, same bytes
+    assert run_key(_config(tmp_path), parent="v1") != key
+    assert run_key(_config(tmp_path, "ray.train_max_failures=0"), parent="v1") == run_key(_config(tmp_path), parent="v1")

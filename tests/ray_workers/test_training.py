@@ -192,6 +192,7 @@ def test_a_train_run_restarts_its_workers_a_finite_number_of_times():
 
 
 @pytest.mark.fault_scenario(6)
+@pytest.mark.slow_fault  # 75 s: `make faults` runs it (CI too)
 @pytest.mark.timeout(240)
 def test_fit_retriever_resumes_from_the_last_evaluation_when_a_worker_dies(ray_local, tmp_path):
     from ray._private.state import actors  # the GCS's actor table: works without the dashboard
