@@ -15,7 +15,8 @@ version once its outputs are complete, so a recode that failed or was killed lea
 attempt, and a rerun with the same run key (config, parent version, input files) skips the
 stages it recorded ("resuming <version>: skipping stages ..." in the log, ``report["resumed"]``)
 and redoes the rest: a Spark stage rewrites its outputs whole, embed and encode do only the shards
-not written yet. A recode that lost the commit race to another publisher discards its files. A recode
+not written yet. A recode that lost the commit race to another publisher, or failed before it
+completed a stage (bad input, for one), discards its files: there is nothing to resume. A recode
 whose churn exceeds ``churn_limit``, or that lost more than ``removed_limit`` of the previous
 version's items, refuses to publish (unless forced) and leaves its files, unpublished, for
 inspection: a rerun with ``--force`` (or raised limits) resumes that attempt and publishes them.
@@ -80,9 +81,11 @@ def run_recode(config: RecodeConfig, *, force: bool = False) -> JobSummary:
             publisher.discard(attempt.version)  # built on a version that is no longer the latest: nothing to resume
             raise
         except BaseException:
-            done = ", ".join(attempt.completed) or "none"
+            if not attempt.completed:  # nothing to resume (bad input fails here, in validation)
+                publisher.discard(attempt.version)
+                raise
             log.error("recode %s failed; its completed stages (%s) stay: a rerun with the same inputs and config resumes them",
-                      attempt.version, done)  # fmt: skip
+                      attempt.version, ", ".join(attempt.completed))  # fmt: skip
             raise
         finally:
             staging.cleanup()
