@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 from jobs.config import GenerateConfig
