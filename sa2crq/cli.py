@@ -104,6 +104,8 @@ def add_library_commands(commands: argparse._SubParsersAction) -> argparse._SubP
     quality.add_argument("--profile", choices=["smoke", "cpu", "cpu-ablations", "gpu"], default="smoke")
     quality.add_argument("--out", required=True, type=Path, help="JSON results file (rewritten after every row)")
     quality.add_argument("--device", help="torch device (default: cuda when available)")
+    quality.add_argument("--variants", nargs="+", help="only these tokenizer variants, in this order (default: the profile's)")
+    quality.add_argument("--seeds", nargs="+", type=int, help="run-1 seeds (default: the profile's); run 2 takes the first")
     quality.set_defaults(run=_bench_quality)
 
     epochs = bench_kind.add_parser("tokenizer-epochs", help="tokenizer reconstruction and code use against training epochs")
@@ -222,9 +224,20 @@ def _bench_sarq(args: argparse.Namespace) -> int:
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from sa2crq.bench.quality import PROFILES, format_quality_table, run_quality_benchmark
+    from dataclasses import replace
 
-    result = run_quality_benchmark(args.data, PROFILES[args.profile], args.out, device=args.device)
+    from sa2crq.bench.quality import PROFILES, VARIANTS, format_quality_table, run_quality_benchmark
+
+    profile = PROFILES[args.profile]
+    if args.variants:
+        unknown = sorted(set(args.variants) - set(VARIANTS))
+        if unknown:
+            print(f"sa2crq bench quality: --variants: unknown {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
+            return 2
+        profile = replace(profile, variants=tuple(args.variants))
+    if args.seeds:
+        profile = replace(profile, seeds=tuple(args.seeds), cold_seeds=(args.seeds[0],))
+    result = run_quality_benchmark(args.data, profile, args.out, device=args.device)
     print(f"profile {result['profile']} on {result['hardware']}, seeds {result['seeds']} (run 2: {result['cold_seeds']}), "
           f"split seed {result['split_seed']}, {result['seconds']} s")
     print(format_quality_table(result))
