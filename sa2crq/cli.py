@@ -105,7 +105,8 @@ def add_library_commands(commands: argparse._SubParsersAction) -> argparse._SubP
     quality.add_argument("--out", required=True, type=Path, help="JSON results file (rewritten after every row)")
     quality.add_argument("--device", help="torch device (default: cuda when available)")
     quality.add_argument("--variants", nargs="+", help="only these tokenizer variants, in this order (default: the profile's)")
-    quality.add_argument("--seeds", nargs="+", type=int, help="run-1 seeds (default: the profile's); run 2 takes the first")
+    quality.add_argument("--seeds", nargs="+", type=int, help="run-1 seeds (default: the profile's)")
+    quality.add_argument("--cold-seeds", nargs="*", type=int, help="run-2 seeds (default: the profile's); none leaves run 2 out")
     quality.set_defaults(run=_bench_quality)
 
     epochs = bench_kind.add_parser("tokenizer-epochs", help="tokenizer reconstruction and code use against training epochs")
@@ -236,7 +237,9 @@ def _bench_quality(args: argparse.Namespace) -> int:
             return 2
         profile = replace(profile, variants=tuple(args.variants))
     if args.seeds:
-        profile = replace(profile, seeds=tuple(args.seeds), cold_seeds=(args.seeds[0],))
+        profile = replace(profile, seeds=tuple(args.seeds))
+    if args.cold_seeds is not None:
+        profile = replace(profile, cold_seeds=tuple(args.cold_seeds))
     result = run_quality_benchmark(args.data, profile, args.out, device=args.device)
     print(f"profile {result['profile']} on {result['hardware']}, seeds {result['seeds']} (run 2: {result['cold_seeds']}), "
           f"split seed {result['split_seed']}, {result['seconds']} s")

@@ -163,14 +163,13 @@ def run_quality_benchmark(data_dir: Path, profile: Profile, out_path: Path, devi
         "profile_config": _profile_dict(profile),
         "rows": {},
     }
-    runs = [
-        _run_data("run1", leave_one_out(interactions), items, cold_only=False, limit=profile.max_eval_users, seed=profile.split_seed),
-        _run_data(
+    runs = [_run_data("run1", leave_one_out(interactions), items, cold_only=False, limit=profile.max_eval_users, seed=profile.split_seed)]
+    if profile.cold_seeds:  # none: run 2 is left out (a device-sized run)
+        runs.append(_run_data(
             "run2",
             cold_start_split(items.column("item_id").to_numpy(), interactions, fraction=profile.cold_fraction, seed=profile.split_seed),
             items, cold_only=True, limit=profile.max_eval_users, seed=profile.split_seed,
-        ),
-    ]
+        ))
     # The k-NN row first (seconds), then each variant; every row is compared with TIGER and k-NN as
     # soon as both exist, so a run stopped early still holds complete, paired rows.
     per_request: dict[str, dict[str, list[np.ndarray]]] = {}
