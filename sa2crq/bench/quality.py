@@ -116,7 +116,8 @@ PROFILES: dict[str, Profile] = {
     ),
     # One H100/H200: the TIGER shape with 20-item histories, trained for longer; needs only torch,
     # numpy and pyarrow. Sized from the CPU curves (still rising after 3.3 epochs): up to 16 epochs
-    # of 256 windows (~1,400 targets) a step, checkpoints scored every epoch. Not yet run on a device.
+    # of 256 windows (~1,400 targets) a step, checkpoints scored every epoch. Run 1 of
+    # sa2crq and tiger at seed 0 takes 334 s on one H200 (README); the whole profile has not run.
     "gpu": Profile(
         name="gpu",
         tokenizer={},
