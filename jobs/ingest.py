@@ -25,7 +25,7 @@ from jobs.engines import SparkStaging, ray_runtime, remove_tree, spark_session
 from jobs.object_store import object_store
 from jobs.publishing import resolve_version, write_json
 from jobs.summary import JobSummary
-from sa2crq.config import SIDConfig, build_config
+from sa2crq.config import SIDConfig
 from sa2crq.data.segments import COLD, SEGMENT_NAMES
 from sa2crq.data.validation import Validated, check_item_id_types, validate_items, write_rejects
 from sa2crq.ids.sid_table import SIDVocabulary
@@ -116,7 +116,7 @@ def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publi
     # SIDs (Spark): published items pinned, new ones placed against their occupancy, under the SID
     # rules the published version was built with.
     parent_meta = publisher.manifest(parent).meta
-    sid_config = build_config(SIDConfig, parent_meta["sid_config"])
+    sid_config = SIDConfig.from_dict(parent_meta["sid_config"])
     vocab = SIDVocabulary.from_dict(parent_meta["vocab"])
     columns = ["item_id", F.col("codes").cast("array<int>").alias("codes"), F.col("popularity").cast("long").alias("popularity"), "segment"]
     new_codes = staging.read(spark, f"{work}/codes").select(*columns)

@@ -171,7 +171,7 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
         if config.reuse_tokenizer is not None and parent_files is not None:
             previous = staging.read_published(spark, parent_files, layout.SID_TABLE)
             finalised, stable_counts = stable_sids_spark(previous, codes, levels, config.tokenizer.sid)
-            stability = {**stable_counts, "hysteresis_levels": config.tokenizer.sid.hysteresis_levels}
+            stability = {**stable_counts, "hysteresis_bits": config.tokenizer.sid.hysteresis_bits}
         else:
             finalised = finalise_sids(codes, levels, config.tokenizer.sid)
         staging.write(sid_table(finalised, vocab).select(*layout.SID_TABLE_COLUMNS), f"{url}/{layout.SID_TABLE}")

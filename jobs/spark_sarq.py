@@ -31,9 +31,14 @@ def sarq_depths(items: DataFrame, levels: int, config: SIDConfig) -> DataFrame:
     bucket cap included (full depth for fixed-length configs)."""
     if not config.adaptive_length:
         return items.withColumn("code_depth", F.lit(levels))
+    return bucket_cap(kept_depths(items, levels, {"code_depth": keep_threshold_of(items, config)}, config), levels, config)
+
+
+def keep_threshold_of(items: DataFrame, config: SIDConfig) -> int:
+    """SARQ's keep threshold for the catalog ``items``: two numbers reach the driver."""
     totals = items.agg(F.sum(F.col("popularity").cast("long") + F.lit(config.epsilon)).alias("total"), F.count(F.lit(1)).alias("n")).first()
     tau = config.tau if config.tau is not None else default_tau(int(totals["n"]))
-    return _bucket_cap(kept_depths(items, levels, keep_threshold(int(totals["total"]), tau), config), levels, config)
+    return keep_threshold(int(totals["total"]), tau)
 
 
 def code_prefix(depth: int | F.Column) -> F.Column:
@@ -41,10 +46,10 @@ def code_prefix(depth: int | F.Column) -> F.Column:
     return F.slice("codes", 1, depth)
 
 
-def kept_depths(items: DataFrame, levels: int, threshold: int, config: SIDConfig) -> DataFrame:
-    """``items`` plus ``code_depth``: the number of depths whose prefix traffic mass reaches
-    ``threshold``, clipped to [L_min, L_max], before the bucket cap. Masses never grow with depth, so
-    the kept depths are a prefix and a count is enough."""
+def kept_depths(items: DataFrame, levels: int, thresholds: dict[str, int], config: SIDConfig) -> DataFrame:
+    """``items`` plus one column per entry of ``thresholds``: the number of depths whose prefix
+    traffic mass reaches that threshold, clipped to [L_min, L_max], before the bucket cap. Masses
+    never grow with depth, so the kept depths are a prefix and a count is enough."""
     weighted = items.withColumn("weight", F.col("popularity").cast("long") + F.lit(config.epsilon))
     per_level = weighted.select("item_id", "weight", "codes", F.explode(F.sequence(F.lit(1), F.lit(levels))).alias("level"))
     per_level = per_level.withColumn("prefix", code_prefix(F.col("level")))
@@ -54,13 +59,13 @@ def kept_depths(items: DataFrame, levels: int, threshold: int, config: SIDConfig
     kept = (
         per_level.join(masses.hint("merge"), ["level", "prefix"])
         .groupBy("item_id")
-        .agg(F.sum(F.when(F.col("mass") >= threshold, 1).otherwise(0)).alias("kept"))
+        .agg(*(F.sum(F.when(F.col("mass") >= threshold, 1).otherwise(0)).alias(name) for name, threshold in thresholds.items()))
     )
-    clipped = F.least(F.greatest(F.col("kept"), F.lit(config.min_length)), F.lit(levels))
-    return items.join(kept.hint("merge"), "item_id").withColumn("code_depth", clipped).drop("kept")
+    clipped = [F.least(F.greatest(F.col(name), F.lit(config.min_length)), F.lit(levels)).alias(name) for name in thresholds]
+    return items.join(kept.hint("merge"), "item_id").select(*items.columns, *clipped)
 
 
-def _bucket_cap(result: DataFrame, levels: int, config: SIDConfig) -> DataFrame:
+def bucket_cap(result: DataFrame, levels: int, config: SIDConfig) -> DataFrame:
     """Shallow levels first: an over-full truncated bucket deepens by one level."""
     for depth in range(1, levels):
         sized = result.withColumn(

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from jobs.spark_sarq import code_prefix, kept_depths, sarq_depths
+from jobs.spark_sarq import bucket_cap, code_prefix, keep_threshold_of, kept_depths
 from sa2crq.config import SIDConfig
 from sa2crq.quantize.sarq import default_tau, keep_threshold
 
@@ -132,7 +132,7 @@ def stable_sids_spark(
     if pin_all_previous:
         fresh = _ingest_depths(catalog, levels, int(checks["rows"]), int(checks["mass"]), config)
     else:
-        fresh = sarq_depths(catalog, levels, config)
+        fresh = _recode_depths(catalog, levels, config)
     # The published table is catalog-sized: never broadcast (see jobs.spark_sarq.kept_depths).
     frame = fresh.withColumn("code_depth", F.col("code_depth").cast("long")).join(published.hint("merge"), "item_id", "left")
     known = F.col("published_depth").isNotNull()
@@ -141,8 +141,8 @@ def stable_sids_spark(
         _check_ingest(previous, catalog, frame, known, unchanged, int(checks["rows"]))
         pinned = known
     else:
-        tolerance = config.hysteresis_levels if config.adaptive_length else 0
-        pinned = unchanged & (F.abs(F.col("code_depth") - F.col("published_depth")) <= tolerance)
+        published_depth = F.col("published_depth")
+        pinned = unchanged & (F.col("shallowest_depth") <= published_depth) & (published_depth <= F.col("deepest_depth"))
     frame = frame.select(
         *catalog.columns, F.when(pinned, F.col("published_depth")).otherwise(F.col("code_depth")).alias("code_depth"),
         F.col("published_digit"), known.alias("known"), unchanged.alias("unchanged"), pinned.alias("pinned"),
@@ -177,12 +177,27 @@ def stable_sids_spark(
     return frame.select(*catalog.columns, "code_depth", "digit"), stats
 
 
+def _recode_depths(catalog: DataFrame, levels: int, config: SIDConfig) -> DataFrame:
+    """``catalog`` plus its fresh SARQ ``code_depth`` and the band of depths an unchanged item may
+    keep (``shallowest_depth``, ``deepest_depth``: :func:`sa2crq.ids.stability.kept_depth_band`)."""
+    if not config.adaptive_length:
+        full = F.lit(levels).cast("long")
+        return catalog.select("*", full.alias("code_depth"), full.alias("shallowest_depth"), full.alias("deepest_depth"))
+    threshold = keep_threshold_of(catalog, config)
+    scale = 2**config.hysteresis_bits
+    depths = kept_depths(
+        catalog, levels, {"code_depth": threshold, "shallowest_depth": threshold * scale, "reaching_depth": -(-threshold // scale)}, config
+    )
+    fresh = bucket_cap(depths, levels, config)
+    return fresh.withColumn("deepest_depth", F.greatest("reaching_depth", "code_depth")).drop("reaching_depth")
+
+
 def _ingest_depths(catalog: DataFrame, levels: int, published_items: int, published_mass: int, config: SIDConfig) -> DataFrame:
     """SARQ depths on the whole catalog's prefix masses against the published keep threshold, before the bucket cap."""
     if not config.adaptive_length:
         return catalog.withColumn("code_depth", F.lit(levels))
     tau = config.tau if config.tau is not None else default_tau(published_items)
-    return kept_depths(catalog, levels, keep_threshold(published_mass, tau), config)
+    return kept_depths(catalog, levels, {"code_depth": keep_threshold(published_mass, tau)}, config)
 
 
 def _check_ingest(

@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
 
 METHODS = ("sa2crq", "tiger", "rqkmeans", "sa2crq-no-sarq", "sa2crq-no-acrq")
 
@@ -141,9 +144,9 @@ class SIDConfig:
     always_digit: bool = False
     # Force one item per SID: truncated buckets get disambiguation digits too.
     one_item_per_id: bool = False
-    # Recode with a reused tokenizer: an unchanged item keeps its published SID unless its fresh SARQ
-    # depth differs from its published depth by more than this many levels (sa2crq/ids/stability.py).
-    hysteresis_levels: int = 1
+    # Recode with a reused tokenizer: an unchanged item keeps its published depth while its prefix
+    # masses stay within a factor 2**hysteresis_bits of the keep threshold (sa2crq/ids/stability.py).
+    hysteresis_bits: int = 1
 
     def __post_init__(self) -> None:
         _require(self.tau is None or math.isfinite(self.tau) and self.tau > 0, "sid.tau must be a positive number")
@@ -152,9 +155,18 @@ class SIDConfig:
         _require(self.max_bucket >= 1, "sid.max_bucket must be at least 1")
         _require(self.digit_vocab >= 2, "sid.digit_vocab must be at least 2")
         _require(
-            isinstance(self.hysteresis_levels, int) and self.hysteresis_levels >= 0,
-            "sid.hysteresis_levels must be a non-negative integer",
+            isinstance(self.hysteresis_bits, int) and self.hysteresis_bits >= 0,
+            "sid.hysteresis_bits must be a non-negative integer",
         )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SIDConfig":
+        # Tokenizers and versions published before the mass-band rule store its predecessor,
+        # a tolerance in depth levels; no value of it maps onto the new rule, so it is dropped.
+        if "hysteresis_levels" in data:
+            log.warning("sid.hysteresis_levels is retired (see sid.hysteresis_bits, a different rule): ignored")
+            data = {key: value for key, value in data.items() if key != "hysteresis_levels"}
+        return _build(cls, data, "")
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,19 @@
 Retrievers are trained on SIDs, so a new version keeps every SID it can. Two jobs need that:
 
 * **Recode with a reused tokenizer** (``pin_all_previous=False``): the whole catalog is re-encoded
-  with the same tokenizer and its popularity recomputed. Hysteresis rule: an item present in the
-  published table with identical full-depth codes keeps its published SID (code depth and digit)
-  unless its fresh SARQ depth (:func:`sarq_lengths` on the new catalog, bucket cap included)
-  differs from its published depth by more than ``sid.hysteresis_levels`` levels (default 1).
-  Fixed-length configs have no popularity-driven length, so there an unchanged item keeps its SID
-  iff its published depth is full. Items missing from the new catalog disappear.
+  with the same tokenizer and its popularity recomputed. Hysteresis rule, on the quantity SARQ
+  thresholds rather than on its output: with T the new keep threshold and h =
+  ``sid.hysteresis_bits`` (default 1), an item present in the published table with identical
+  full-depth codes keeps its published SID (code depth and digit) while that depth d lies in
+  [D(T * 2^h), max(D(ceil(T / 2^h)), fresh)], where D(t) counts the depths whose prefix mass reaches
+  t (clipped to [min_length, L]) and fresh is its SARQ depth on the new catalog, bucket cap included.
+  In words: its kept prefix still carries at least 2^-h of the threshold (or SARQ's bucket cap
+  puts it that deep), and the next prefix carries less than 2^h times the threshold. A depth rule
+  (|fresh - d| <= k levels) would not do: below the top levels an item is alone in its prefixes,
+  whose mass is its own weight, so a threshold that moves by one unit (the catalog grew a few
+  percent) takes every item of that weight from a short SID to full depth at once. Fixed-length
+  configs have no popularity-driven length: there an unchanged item keeps its SID iff its
+  published depth is full. Items missing from the new catalog disappear.
 * **Ingest** (``pin_all_previous=True``): every published item keeps its SID unconditionally and
   must come back with its published codes and popularity; only new items are placed. A new item
   may not reuse a published id: the ingest job drops exact re-sends before calling this.
@@ -18,7 +25,7 @@ with the invariants of :func:`assign_sids` (distinct SIDs except truncated bucke
 buckets of at most ``max_bucket`` items, digits unique in a full-depth group except the overflow
 digit):
 
-* Start from the fresh SARQ depth. For a recode that is the one the hysteresis rule compares; for
+* Start from the fresh SARQ depth. For a recode that is :func:`sarq_lengths` on the new catalog; for
   an ingest it is computed on the prefix masses of the whole catalog (new items usually have
   popularity 0, i.e. weight epsilon) against the published keep threshold, which is
   :func:`keep_threshold` of the published table's own total mass and size, exactly as
@@ -155,10 +162,12 @@ def stable_assign_sids(
     else:
         if config.adaptive_length:
             fresh, tau, threshold = sarq_lengths(codes, popularity, config)
+            shallowest, deepest = kept_depth_band(groups, popularity, threshold, fresh, config)
         else:
             fresh, tau, threshold = np.full(n, levels, dtype=np.int64), None, None
-        tolerance = config.hysteresis_levels if config.adaptive_length else 0
-        pinned = unchanged & (np.abs(fresh - previous.code_depth[row]) <= tolerance)
+            shallowest = deepest = fresh
+        published_depth = previous.code_depth[row]
+        pinned = unchanged & (shallowest <= published_depth) & (published_depth <= deepest)
 
     start = np.where(pinned, previous.code_depth[row], fresh)
     depth = _place_depths(start, pinned, groups, popularity, item_ids, config)
@@ -185,6 +194,21 @@ def stable_assign_sids(
         removed_items=len(previous.item_ids) - int(known.sum()),
     )
     return table, stats
+
+
+def kept_depth_band(
+    groups: list[np.ndarray], popularity: np.ndarray, threshold: int, fresh: np.ndarray, config: SIDConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """The depths an unchanged item may keep in a recode (the module docstring's hysteresis rule):
+    from D(T * 2^h) to max(D(ceil(T / 2^h)), fresh), in exact integers."""
+    levels = len(groups)
+    masses = prefix_masses(groups, item_weights(popularity, config.epsilon))
+    scale = 2**config.hysteresis_bits
+
+    def depth_reaching(mass: int) -> np.ndarray:
+        return np.clip((masses >= mass).sum(axis=1), config.min_length, levels).astype(np.int64)
+
+    return depth_reaching(threshold * scale), np.maximum(depth_reaching(-(-threshold // scale)), fresh)
 
 
 def _check_ingest(previous: PublishedSIDs, item_ids: np.ndarray, known: np.ndarray, identical: np.ndarray) -> None:

@@ -110,14 +110,14 @@ def test_same_codes_and_popularity_reproduce_the_published_table(config):
     assert _tokens_by_id(shuffled) == _tokens_by_id(previous)
 
 
-def test_depth_moves_within_the_hysteresis_keep_every_sid():
+def test_mass_moves_within_the_hysteresis_band_keep_every_sid():
     ids, codes, pop = hand_catalog()
     previous = _assign(ids, codes, pop, HAND)
     assert previous.threshold == 252 and np.bincount(previous.code_depth).tolist() == [0, 48, 0, 8]
     shifted = pop.copy()
     shifted[:8] += np.arange(8) - 4  # hot items drift a little
     warming = (codes[:, 0] == 1) & (codes[:, 1] == 0)
-    shifted[warming] = 100  # prefix [1, 0] now reaches the threshold: fresh depth 2 for these four
+    shifted[warming] = 100  # prefix [1, 0] now reaches the threshold (not twice it): fresh depth 2 for these four
     fresh, _, _ = sarq_lengths(codes, shifted, HAND)
     assert (fresh - previous.code_depth).tolist() == warming.astype(int).tolist()
 
@@ -128,29 +128,66 @@ def test_depth_moves_within_the_hysteresis_keep_every_sid():
     assert sid_churn(previous.to_arrow(), table.to_arrow())[0]["churn"] == 0.0
 
     # Without hysteresis the same shift moves exactly those four items.
-    strict = SIDConfig(tau=5.0, hysteresis_levels=0)
+    strict = SIDConfig(tau=5.0, hysteresis_bits=0)
     table, stats = _stable(previous, ids, codes, shifted, strict)
     assert (stats.moved_by_hysteresis, stats.placed) == (4, 4)
     assert table.code_depth[warming].tolist() == [2, 2, 2, 2]
 
 
-def test_a_shift_past_the_hysteresis_moves_the_item_and_only_it():
+def test_a_shift_past_the_hysteresis_band_moves_the_items_under_the_crossing_prefix_and_only_them():
     ids, codes, pop = hand_catalog()
     previous = _assign(ids, codes, pop, HAND)
     star = int(np.flatnonzero((codes == [2, 0, 0]).all(axis=1))[0])
+    siblings = np.flatnonzero((codes[:, :2] == [2, 0]).all(axis=1) & (np.arange(len(ids)) != star))
     shifted = pop.copy()
-    shifted[star] = 400  # its full path now reaches the threshold: depth 1 -> 3
+    shifted[star] = 600  # threshold 271; prefix [2, 0] now carries 604, over twice it: star 1 -> 3, siblings 1 -> 2
     table, stats = _stable(previous, ids, codes, shifted, HAND)
-    assert stats == type(stats)(pinned=len(ids) - 1, placed=1, moved_by_hysteresis=1, new_items=0, removed_items=0)
+    assert table.threshold == 271
+    assert stats == type(stats)(pinned=len(ids) - 4, placed=4, moved_by_hysteresis=4, new_items=0, removed_items=0)
     assert (table.code_depth[star], table.digit[star]) == (3, -1)
-    others = np.arange(len(ids)) != star
+    assert table.code_depth[siblings].tolist() == [2, 2, 2]
+    moved = np.sort(np.append(siblings, star))
+    others = np.setdiff1d(np.arange(len(ids)), moved)
     np.testing.assert_array_equal(table.tokens[others], previous.tokens[others])
     churn, remap = sid_churn(previous.to_arrow(), table.to_arrow())
-    assert (churn["changed"], churn["unchanged"]) == (1, len(ids) - 1)
-    assert remap.column("item_id").to_pylist() == [ids[star]]
-    # Two levels of hysteresis absorb the move.
-    _, stats = _stable(previous, ids, codes, shifted, SIDConfig(tau=5.0, hysteresis_levels=2))
+    assert (churn["changed"], churn["unchanged"]) == (4, len(ids) - 4)
+    assert remap.column("item_id").to_pylist() == ids[moved].tolist()
+    # Two bits of hysteresis (a factor 4) absorb the move.
+    _, stats = _stable(previous, ids, codes, shifted, SIDConfig(tau=5.0, hysteresis_bits=2))
     assert stats.moved_by_hysteresis == 0
+
+
+def test_a_threshold_one_unit_lower_moves_no_sid():
+    """The nightly case: a day's cold items lower the keep threshold by one unit (5 -> 4), and items
+    whose weight is 4 and that are alone in their deeper prefixes would jump from depth 1 to full
+    depth. A tolerance in depth levels moved them all; the mass band keeps them."""
+    config = SIDConfig()
+    rng = np.random.default_rng(0)
+    levels, n = 3, 100
+    codes = rng.integers(0, 8, (n, levels))
+    pop = np.zeros(n, dtype=np.int64)
+    pop[:10] = 3  # weight 4: alone below level 1 ...
+    codes[:10, 1], codes[:10, 2] = 8 + np.arange(10), 0  # ... each under its own level-2 code
+    pop[10:12] = 175  # the rest of the traffic: W = 100 + 30 + 350 = 480 over 100 items, threshold 5
+    previous = _assign(np.arange(n), codes, pop, config)
+    assert previous.threshold == 5 and (previous.code_depth[:10] == 1).all()
+
+    new_codes = np.concatenate([codes, rng.integers(0, 8, (30, levels))])
+    new_pop = np.concatenate([pop, np.zeros(30, dtype=np.int64)])  # 30 cold items: 510 / 130, threshold 4
+    ids = np.arange(n + 30)
+    fresh, _, threshold = sarq_lengths(new_codes, new_pop, config)
+    assert threshold == 4 and (fresh[:10] == levels).all()  # two levels past any one-level tolerance
+
+    table, stats = _stable(previous, ids, new_codes, new_pop, config)
+    assert (stats.pinned, stats.moved_by_hysteresis, stats.new_items) == (n, 0, 30)
+    assert sid_churn(previous.to_arrow(), table.to_arrow())[0]["changed"] == 0
+    assert_invariants(table, config)
+    # Twice the threshold is where the band ends: at weight 12 (threshold 560 / 100 -> 6) the same
+    # items move to full depth.
+    hot = pop.copy()
+    hot[:10] = 11
+    table, stats = _stable(previous, np.arange(n), codes, hot, config)
+    assert table.threshold == 6 and stats.moved_by_hysteresis == 10 and (table.code_depth[:10] == levels).all()
 
 
 def test_recode_places_changed_and_new_items_around_the_pinned_ones():
@@ -292,7 +329,7 @@ def test_placement_keeps_the_invariants(seed, n_prev, n_new, levels, k, max_buck
         one_item_per_id=mode == "one-per-id",
         max_bucket=max_bucket,
         digit_vocab=256 if mode == "one-per-id" else digit_vocab,
-        hysteresis_levels=seed % 2,
+        hysteresis_bits=seed % 2,
     )
     rng = np.random.default_rng(seed)
     ids = rng.permutation(1000)[:n_prev]
@@ -342,8 +379,18 @@ def test_churn_and_remap_on_a_tiny_example():
         sid_churn(previous, pa.concat_tables([current, current]))
 
 
-def test_hysteresis_levels_is_validated_and_round_trips():
-    with pytest.raises(ValueError, match="sid.hysteresis_levels"):
-        SIDConfig(hysteresis_levels=-1)
-    config = TokenizerConfig().with_overrides({"sid.hysteresis_levels": 2})
-    assert TokenizerConfig.from_dict(json.loads(json.dumps(config.to_dict()))).sid.hysteresis_levels == 2
+def test_hysteresis_bits_is_validated_and_round_trips():
+    with pytest.raises(ValueError, match="sid.hysteresis_bits"):
+        SIDConfig(hysteresis_bits=-1)
+    config = TokenizerConfig().with_overrides({"sid.hysteresis_bits": 2})
+    assert TokenizerConfig.from_dict(json.loads(json.dumps(config.to_dict()))).sid.hysteresis_bits == 2
+
+
+def test_a_stored_config_with_the_retired_depth_tolerance_still_loads(caplog):
+    # Tokenizers and versions published before the mass band store sid.hysteresis_levels.
+    stored = TokenizerConfig().to_dict()
+    stored["sid"] = {**{k: v for k, v in stored["sid"].items() if k != "hysteresis_bits"}, "hysteresis_levels": 1}
+    assert TokenizerConfig.from_dict(stored).sid == SIDConfig()
+    assert "sid.hysteresis_levels is retired" in caplog.text
+    with pytest.raises(ValueError, match="unknown config field.*hysteresis_level"):
+        TokenizerConfig.from_dict({**stored, "sid": {**stored["sid"], "hysteresis_level": 1}})

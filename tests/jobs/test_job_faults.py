@@ -87,8 +87,7 @@ def _version_dirs(publisher: Publisher) -> set[str]:
 
 
 def _batch(base: dict, name: str, first_id: int, seed: int) -> str:
-    """A day's batch of new items: few beside the catalog, as in production (a recode that moves the
-    SIDs ingest gave them all stays under the churn limit)."""
+    """A day's batch of new items: few beside the catalog, as in production."""
     path = str(base["work"] / f"{name}.parquet")
     pq.write_table(_items(first_id, BATCH, seed=seed, prefix=name), path)
     return path

@@ -162,11 +162,11 @@ def test_repeated_or_null_ids_raise_like_the_library(spark):
             sid_churn_spark(_frame(spark, old), _frame(spark, new))
 
 
-# The recode rule under each kind of SID config: hysteresis of one level and of none, fixed length with
+# The recode rule under each kind of SID config: a hysteresis band of one bit and of none, fixed length with
 # a digit on every item and a digit vocabulary small enough to overflow, one item per ID.
 STABLE_CASES = {
     "sarq": SIDConfig(max_bucket=20),
-    "sarq-no-hysteresis": SIDConfig(max_bucket=20, hysteresis_levels=0),
+    "sarq-no-hysteresis": SIDConfig(max_bucket=20, hysteresis_bits=0),
     "fixed-digits": SIDConfig(adaptive_length=False, always_digit=True, digit_vocab=5),
     "one-per-id": SIDConfig(max_bucket=20, one_item_per_id=True, digit_vocab=256),
 }
@@ -175,7 +175,7 @@ STABLE_K = 6  # 216 leaves for 600 items: truncated buckets at the cap, shared l
 
 def _inputs(config: SIDConfig, job: str, n: int = 600):
     """A published table and the catalog of the next job. A recode: items leave (digit gaps), change
-    codes or popularity (depths move within and past the hysteresis), and new items arrive. An
+    codes or popularity (masses move within and past the hysteresis band), and new items arrive. An
     ingest: every published item as published, plus new items of popularity 0."""
     rng = np.random.default_rng(11)
     ids = rng.permutation(10 * n)[:n].astype(np.int64) * 10**10  # past int32
@@ -192,7 +192,7 @@ def _inputs(config: SIDConfig, job: str, n: int = 600):
     moved = rng.random(n) < 0.1
     new_codes[moved] = rng.integers(0, STABLE_K, size=(int(moved.sum()), LEVELS))
     new_pop = np.where(rng.random(n) < 0.3, pop * rng.integers(0, 30, n), pop)
-    new_pop[rng.random(n) < 0.05] = 5000  # cold to hot: two levels deeper, past a one-level hysteresis
+    new_pop[rng.random(n) < 0.05] = 5000  # cold to hot: past a one-bit hysteresis band
     cat_ids = np.concatenate([ids[keep], fresh_ids])
     cat_codes = np.concatenate([new_codes[keep], fresh_codes])
     cat_pop = np.concatenate([new_pop[keep], rng.integers(0, 20, 60)])
