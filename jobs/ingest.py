@@ -4,7 +4,8 @@ validate -> drop items already published (an exact re-send changes nothing) -> e
 with the published tokenizer (Ray Data) -> SIDs consistent with the published table (Spark): every
 published item keeps its SID, new items are placed against the published occupancy
 (:func:`jobs.spark_stability.stable_sids_spark` with every published item pinned) -> publish a new
-version holding the full table and the delta.
+version holding the full table and the delta, whose manifest lists the parent's embeddings where
+the parent holds them (no copy) beside the new items' own.
 
 Two ingests may run at once: each builds on the latest version it read, and the publisher's commit
 log lets only one of them commit on top of it; the other discards its attempt and rebuilds on the
@@ -105,13 +106,13 @@ def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publi
     work_items = new_items.append_column("popularity", pa.array(np.zeros(n, dtype=np.int64))).append_column(
         "segment", pa.array([SEGMENT_NAMES[COLD]] * n)
     )
-    # Named by version: the embedding file it becomes sits beside the parent's in the new version.
+    # Named by version: the embedding file it becomes is listed beside the parent's (which the
+    # new version references), so the two never share a name.
     write_parquet(work_items, f"{work}/items/{version}.parquet")
     pool = config.ray.actor_pool
     parent_files.copy(layout.TOKENIZER, f"{url}/{layout.TOKENIZER}")
     map_shards(f"{work}/items", f"{url}/{layout.EMBEDDINGS}", embed_stage, {"cache_dir": config.embedding_cache}, desc="embed", **pool)
     map_shards(f"{url}/{layout.EMBEDDINGS}", f"{work}/codes", encode_stage, {"tokenizer_url": f"{url}/{layout.TOKENIZER}"}, desc="encode", **pool)
-    parent_files.copy(layout.EMBEDDINGS, f"{url}/{layout.EMBEDDINGS}")
 
     # SIDs (Spark): published items pinned, new ones placed against their occupancy, under the SID
     # rules the published version was built with.
@@ -135,13 +136,15 @@ def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publi
     report |= {"pinned": stats["pinned"], "placed": stats["placed"], "delta_rows": int(delta_counts["rows"]),
                "delta_from_buckets": int(delta_counts["from_buckets"])}  # fmt: skip
     write_json(f"{url}/{layout.REPORT}", report)
+    # A delta: the parent's embeddings are listed in the new manifest, not copied (O(batch), not O(catalog)).
     publisher.publish(version, parent=parent, meta={"job": "ingest", "items": rows, "vocab": parent_meta["vocab"],
-                                                    "sid_config": parent_meta["sid_config"]})  # fmt: skip
+                                                    "sid_config": parent_meta["sid_config"]},
+                      references=parent_files.references(layout.EMBEDDINGS))  # fmt: skip
     summary.published = True
     summary.report = report
     summary.add("sid table", f"{url}/{layout.SID_TABLE}", rows)
     summary.add("delta", f"{url}/{layout.DELTA}", int(delta_counts["rows"]))
-    summary.add("embeddings", f"{url}/{layout.EMBEDDINGS}", rows)
+    summary.add("embeddings (the new items'; the parent's are referenced)", f"{url}/{layout.EMBEDDINGS}", n)
     summary.add("trie", f"{url}/{layout.TRIE}", trie.n_sids, unit="SIDs")
     summary.add("rejected items", f"{url}/{layout.REJECTS}/items", items.counts["rejected"])
     summary.add("report", f"{url}/{layout.REPORT}")

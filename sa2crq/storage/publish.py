@@ -17,6 +17,12 @@ There is no lock, no lease and no clock to compare: a publisher killed at any po
 commit (its files are an unpublished attempt) or a whole one. A storage error other than "already
 exists" is raised as itself, never reported as a conflict.
 
+A manifest may also list files another published version holds (an ingest's delta version lists
+the parent's embeddings instead of copying them): such an entry names that ``version`` and the
+file lives under its directory. A reference always names the version that holds the file, never a
+version that references it in turn, and never a version that is not published; a published
+version's directory is therefore never deleted.
+
 The log holds only what publishers write: files not named like a commit (another tool's notes, a
 temporary) are ignored, but a commit-named file that is not a whole commit record, a missing
 number or a commit whose parent is not the previous commit's version is damage no publisher
@@ -60,7 +66,8 @@ class Manifest:
     version: str
     parent: str | None  # the version this one was built on
     created_at: str
-    files: dict[str, dict[str, Any]]  # relative path -> {"size": int, "sha256": str}
+    # relative path -> {"size": int, "sha256": str}, plus "version" where another version holds the file
+    files: dict[str, dict[str, Any]]
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -141,10 +148,15 @@ class Publisher:
         self.fs.makedirs(self.version_path(version), exist_ok=True)
         return version
 
-    def publish(self, version: str, *, parent: str | None, meta: dict[str, Any] | None = None) -> Manifest:
+    def publish(
+        self, version: str, *, parent: str | None, meta: dict[str, Any] | None = None, references: dict[str, dict[str, Any]] | None = None
+    ) -> Manifest:
         """Write the manifest of ``version`` (built on ``parent``), then commit it if ``parent`` is
         still the latest version; otherwise raise :class:`ConcurrentPublishError` having committed
-        nothing, so the caller can discard the attempt and rebuild on the newer version."""
+        nothing, so the caller can discard the attempt and rebuild on the newer version.
+
+        ``references``: files of published versions the new one lists without holding them
+        (:meth:`PublishedVersion.references`), each entry naming the ``version`` that holds it."""
         base = self.version_path(version)
         files = {}
         for path in sorted(self.fs.find(base)):
@@ -152,6 +164,13 @@ class Publisher:
             if relative == MANIFEST:
                 continue
             files[relative] = {"size": self.fs.size(path), "sha256": file_sha256(self.fs, path)}
+        published = set(self.versions()) if references else set()
+        for relative, entry in sorted((references or {}).items()):
+            if relative in files:
+                raise ValueError(f"version {version} writes {relative} and also references it from version {entry.get('version')}")
+            if entry.get("version") not in published:
+                raise ValueError(f"{relative} references version {entry.get('version')!r}, which is not published")
+            files[relative] = {"size": int(entry["size"]), "sha256": entry["sha256"], "version": entry["version"]}
         manifest = Manifest(version, parent, datetime.now(timezone.utc).isoformat(), files, dict(meta or {}))
         # Unpublished until a commit names it, so the manifest is written without any coordination.
         self.fs.pipe_file(f"{base}/{MANIFEST}", json.dumps(asdict(manifest), indent=2, sort_keys=True).encode())

@@ -6,6 +6,9 @@ it raises :class:`ManifestMismatchError`, naming the version, the file, what the
 and what was found. A file the manifest does not list (added after the commit) is not part of the
 version and is never read: every read starts from the manifest, never from a directory listing.
 
+A listed file may be held by another published version (the manifest entry names it: an ingest's
+delta references its parent's embeddings); it is read from there and checked the same way.
+
 Checking costs no extra read where this process reads the bytes itself (the sha256 is taken over
 the bytes read); an engine that reads the files itself (Spark) gets their URLs after a checking
 read. Each reader checks each file once. Only pyarrow filesystems are used, so a local version
@@ -47,6 +50,8 @@ class PublishedVersion:
 
     def __init__(self, url: str, version: str, files: dict[str, dict[str, Any]], meta: dict[str, Any] | None = None) -> None:
         self.url = url.rstrip("/")
+        if not self.url.endswith(f"/versions/{version}"):
+            raise ValueError(f"{url} is not the directory of version {version} (ROOT/versions/{version})")
         self.version = version
         self.files = files
         self.meta = meta or {}  # what the publishing job recorded (a SID version: its vocabulary, ...)
@@ -76,7 +81,23 @@ class PublishedVersion:
         return files
 
     def file_url(self, path: str) -> str:
-        return f"{self.url}/{path}"
+        """A listed file's URL, in the directory of the version that holds it; any other path (a
+        part's directory, for messages) under this version's."""
+        return f"{self._holder(path)}/{path}"
+
+    def references(self, part: str) -> dict[str, dict[str, Any]]:
+        """Manifest entries for another version that lists ``part``'s files without copying them
+        (:meth:`Publisher.publish`), each naming the version that holds the file; markers starting
+        with ``_`` or ``.`` left out, as :meth:`copy` leaves them."""
+        return {
+            path: {"size": self.files[path]["size"], "sha256": self.files[path]["sha256"], "version": self.files[path].get("version", self.version)}
+            for path in self.listed(part)
+            if not any(name.startswith(("_", ".")) for name in (path[len(part) + 1 :] or path).split("/"))
+        }
+
+    def holds(self, path: str) -> bool:
+        """Whether ``path`` lies in this version's own directory (not referenced from another version)."""
+        return "version" not in self._recorded(path)
 
     # -- reading ----------------------------------------------------------------------------------
     def read_bytes(self, path: str) -> bytes:
@@ -120,7 +141,7 @@ class PublishedVersion:
             return
         recorded = self._recorded(path)
         fs, inner = self._filesystem()
-        info = fs.get_file_info(f"{inner}/{path}")
+        info = fs.get_file_info(self._inner_path(inner, path))
         if info.type == pafs.FileType.NotFound:
             raise ManifestMismatchError(self.version, path, "missing", f"{recorded['size']:,} bytes", "no such file")
         if info.size != recorded["size"]:
@@ -149,7 +170,7 @@ class PublishedVersion:
         recorded = self._recorded(path)
         fs, inner = self._filesystem()
         try:
-            return fs.open_input_stream(f"{inner}/{path}")
+            return fs.open_input_stream(self._inner_path(inner, path))
         except FileNotFoundError:
             raise ManifestMismatchError(self.version, path, "missing", f"{recorded['size']:,} bytes", "no such file") from None
 
@@ -169,6 +190,16 @@ class PublishedVersion:
         if digest != recorded["sha256"]:
             raise ManifestMismatchError(self.version, path, "sha256", f"sha256 {recorded['sha256']}", f"sha256 {digest} (same size)")
         self._checked.add(path)
+
+    def _holder(self, path: str) -> str:
+        """The URL of the directory of the version that holds ``path``."""
+        holder = self.files.get(path, {}).get("version", self.version)
+        return self.url if holder == self.version else f"{self.url[: -len(self.version)]}{holder}"
+
+    def _inner_path(self, inner: str, path: str) -> str:
+        """``path`` inside the filesystem whose path for this version's directory is ``inner``."""
+        holder = self._recorded(path).get("version", self.version)
+        return f"{inner if holder == self.version else inner[: -len(self.version)] + holder}/{path}"
 
     def _filesystem(self):
         if self._fs is None:

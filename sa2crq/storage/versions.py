@@ -153,7 +153,8 @@ def diff_sid_versions(publisher: Publisher, previous: str, current: str) -> SIDD
 
 def verify_version(publisher: Publisher, version: str) -> VersionCheck:
     """Every file the manifest lists exists with its recorded size and sha256 (checked as a job's
-    reader checks it, :meth:`PublishedVersion.check`), and nothing else is in the version's directory."""
+    reader checks it, :meth:`PublishedVersion.check`; a file another version holds is checked
+    there), and nothing else is in the version's directory."""
     version = published_version(publisher, version)
     base = publisher.version_path(version)
     try:
@@ -172,7 +173,8 @@ def verify_version(publisher: Publisher, version: str) -> VersionCheck:
             files.check(relative)
         except ManifestMismatchError as err:
             problems.append(FileProblem(relative, err.kind, f"the manifest records {err.expected}, found {err.found}"))
-    for relative in sorted(found.keys() - manifest.files.keys()):
+    held = {relative for relative, entry in manifest.files.items() if "version" not in entry}
+    for relative in sorted(found.keys() - held):
         problems.append(FileProblem(relative, "unlisted", f"present ({int(found[relative]['size']):,} bytes) but not in the manifest"))
     return VersionCheck(version, len(manifest.files), tuple(problems))
 
@@ -196,7 +198,7 @@ def format_version_detail(detail: VersionDetail, *, every_file: bool = False) ->
         f"{_count(s.files, 'file')}, {format_size(s.size)}",
     ]
     if every_file:
-        lines += [f"  {format_size(int(f['size'])):>10}  {path}" for path, f in sorted(manifest.files.items())]
+        lines += [f"  {format_size(int(f['size'])):>10}  {path}{_held_by(f)}" for path, f in sorted(manifest.files.items())]
     else:
         lines += [f"  {format_size(p.size):>10}  {p.name}{'' if p.name in manifest.files else '/'} ({_count(p.files, 'file')})" for p in detail.parts]
     lines += ["meta:", _indent(_pretty_json(manifest.meta))]
@@ -257,6 +259,10 @@ def _summary(commit: Commit, manifest: Manifest, *, latest: bool) -> VersionSumm
         job=manifest.meta.get("job"), items=int(items) if isinstance(items, (int, float)) else None,
         files=len(manifest.files), size=sum(int(f["size"]) for f in manifest.files.values()), latest=latest,
     )  # fmt: skip
+
+
+def _held_by(entry: dict[str, Any]) -> str:
+    return f" (held by {entry['version']})" if "version" in entry else ""
 
 
 def _count(n: int, noun: str) -> str:

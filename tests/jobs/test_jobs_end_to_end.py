@@ -325,6 +325,12 @@ def test_ingest_keeps_published_sids_and_a_rerun_changes_nothing(tmp_path):
     assert kept.column("sid").to_pylist() == before.column("sid").to_pylist()  # existing items never change
     assert after.num_rows == before.num_rows + 30 and done.report["delta_rows"] == 30
     assert len(load_catalog_view(PublishedVersion.open(publisher, done.version)).index) == after.num_rows
+    # A delta: the parent's embeddings are listed where the parent holds them, only the batch's are written.
+    embeddings = {path: entry for path, entry in publisher.manifest(done.version).files.items() if path.startswith(f"{layout.EMBEDDINGS}/")}
+    assert {p: e for p, e in embeddings.items() if "version" in e} == PublishedVersion.open(publisher, parent).references(layout.EMBEDDINGS)
+    written = [p for p, e in embeddings.items() if "version" not in e]
+    assert written and all(p.rsplit("/", 1)[1].startswith(done.version) for p in written)
+    assert verify_version(publisher, done.version).ok
 
     again = run_ingest(config)
     assert not again.published and publisher.latest() == done.version and again.report["already_published"] == 30

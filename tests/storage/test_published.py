@@ -11,6 +11,7 @@ from sa2crq.storage import layout
 from sa2crq.storage.filesystem import resolve_filesystem, write_parquet
 from sa2crq.storage.publish import Publisher
 from sa2crq.storage.published import ManifestMismatchError, PublishedVersion
+from sa2crq.storage.versions import format_version_detail, show_version, verify_version
 
 FIRST, SECOND = f"{layout.SID_TABLE}/part-00000.parquet", f"{layout.SID_TABLE}/part-00001.parquet"
 
@@ -114,3 +115,50 @@ def test_an_unpublished_version_has_no_reader(root):
     publisher = Publisher(root)
     with pytest.raises(FileNotFoundError, match="is not published"):
         PublishedVersion.open(publisher, publisher.new_version())
+
+
+def test_a_delta_version_reads_the_files_it_references_from_the_version_that_holds_them(published):
+    """An ingest's delta lists its parent's files without copying them; a delta of a delta names the
+    version that holds each file, and a reference is checked like any listed file."""
+    publisher, first = published
+    tokenizer = f"{layout.TOKENIZER}/model.safetensors"
+    versions = [first]
+    for k in range(2):
+        parent = PublishedVersion.open(publisher, versions[-1])
+        version = publisher.new_version()
+        write_parquet(pa.table({"item_id": [10 + k], "sid": [[9, k]]}), f"{publisher.version_url(version)}/{FIRST}")
+        publisher.publish(version, parent=versions[-1], references=parent.references(layout.TOKENIZER))
+        versions.append(version)
+    second, third = versions[1:]
+    files = PublishedVersion.open(publisher, third)
+    assert files.listed(layout.TOKENIZER) == [f"{layout.TOKENIZER}/checkpoint.json", tokenizer]
+    assert {files.files[p]["version"] for p in files.listed(layout.TOKENIZER)} == {first}  # the holder, not the delta between
+    assert files.read_bytes(tokenizer) == b"tensors" and not files.holds(tokenizer) and files.holds(FIRST)
+    assert files.file_url(tokenizer) == f"{publisher.version_url(first)}/{tokenizer}"
+    assert files.read_parquet(layout.SID_TABLE).to_pydict() == {"item_id": [11], "sid": [[9, 1]]}
+    assert not publisher.fs.exists(f"{publisher.version_path(third)}/{layout.TOKENIZER}")  # nothing copied
+    assert verify_version(publisher, third).ok and verify_version(publisher, second).ok
+    assert f"{tokenizer} (held by {first})" in format_version_detail(show_version(publisher, third), every_file=True)
+
+    # The holder's file changed after its commit: every version that lists it sees the mismatch.
+    _write(f"{publisher.version_url(first)}/{tokenizer}", b"tensorz")
+    with pytest.raises(ManifestMismatchError, match=f"{third}: {tokenizer} does not match its manifest"):
+        PublishedVersion.open(publisher, third).read_bytes(tokenizer)
+    assert [p.kind for p in verify_version(publisher, third).problems] == ["sha256"]
+
+
+def test_a_reference_must_name_a_published_version_and_no_written_file(published):
+    publisher, first = published
+    parent = PublishedVersion.open(publisher, first)
+    version = publisher.new_version()
+    _write(f"{publisher.version_url(version)}/{FIRST}", b"rows")
+    with pytest.raises(ValueError, match=f"writes {FIRST} and also references it from version {first}"):
+        publisher.publish(version, parent=first, references=parent.references(layout.SID_TABLE))
+    unpublished = {path: {**entry, "version": version} for path, entry in parent.references(layout.TOKENIZER).items()}
+    with pytest.raises(ValueError, match=f"references version '{version}', which is not published"):
+        publisher.publish(version, parent=first, references=unpublished)
+    assert publisher.latest() == first
+    # A file written into a delta's directory under a referenced path is not part of it.
+    publisher.publish(version, parent=first, references=parent.references(layout.TOKENIZER))
+    _write(f"{publisher.version_url(version)}/{layout.TOKENIZER}/checkpoint.json", b"{}")
+    assert [(p.path, p.kind) for p in verify_version(publisher, version).problems] == [(f"{layout.TOKENIZER}/checkpoint.json", "unlisted")]
