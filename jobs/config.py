@@ -243,10 +243,13 @@ class EvaluateConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     hallucination_requests: int = 500
     out: str | None = None  # where the JSON report goes (default: beside the retriever)
+    # Refuse an input whose rejected share (validation against the SID version's items) is above this.
+    max_reject_fraction: float = 0.05
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.history) and bool(self.targets), "evaluate needs history and targets (parquet paths)")
+        _require(0.0 <= self.max_reject_fraction <= 1.0, "max_reject_fraction must be in [0, 1]")
         _absolute_paths(self, "history", "targets", "out")
 
 

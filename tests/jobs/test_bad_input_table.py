@@ -23,6 +23,8 @@ import pytest
 
 from jobs.config import load_job_config
 from jobs.engines import SparkStaging
+from jobs.evaluate import rejects_url, run_evaluate
+from jobs.evaluate import validate_inputs as evaluate_validation
 from jobs.generate import run_generate
 from jobs.ingest import run_ingest, validate_batch
 from jobs.recode import run_recode
@@ -93,6 +95,13 @@ TABLE: list[Case] = [
     Case("train-retriever", "valid", "max_reject_fraction", "error",
          r"valid \(\S+\): interactions: 3 of 4 rows rejected \(75\.00%\).*\{'unknown_item_id': 3\}", VIA_JOB),
     Case("train-retriever", "query log", "missing column", "error", r"queries: missing required column 'query'", VIA_JOB),
+    # evaluate: both inputs validated against the SID version's items (jobs.evaluate.validate_inputs)
+    *_quarantined("evaluate", "history", INTERACTION_REASONS),
+    Case("evaluate", "targets", "missing column", "error", r"targets \(\S+\): interactions: missing required column 'timestamp'", VIA_JOB),
+    Case("evaluate", "history", "item_id types differ across tables", "error",
+         rf"history \(\S+\): interactions: column 'item_id' has type string but the items' item_id has type int64: {BOTH_INTEGER}", VIA_JOB),
+    Case("evaluate", "targets", "max_reject_fraction", "error",
+         r"targets \(\S+\): interactions: 3 of 4 rows rejected \(75\.00%\).*\{'unknown_item_id': 3\}", VIA_JOB),
     # generate: the request file's schema before any actor starts; its rows in the actors (Server.history_requests)
     Case("generate", "requests", "missing column", "error", r"requests: missing required column 'history'", VIA_JOB),
     Case("generate", "requests", "item_id types differ across tables", "error",
@@ -217,8 +226,9 @@ def _write(base: Path, name: str, table: pa.Table) -> str:
 
 
 def _config(job: str, base: Path, root: Path, **fields):
-    common = {"storage.root": str(root), "ray.train_workers": 1, "ray.cpus_per_train_worker": 0.5, "ray.actors": 1,
-              "ray.cpus_per_actor": 0.5}  # fmt: skip
+    common = {"storage.root": str(root)}
+    if job != "evaluate":  # evaluate runs in its own process, without Ray
+        common |= {"ray.train_workers": 1, "ray.cpus_per_train_worker": 0.5, "ray.actors": 1, "ray.cpus_per_actor": 0.5}
     if job in ("recode", "ingest"):  # the Spark jobs
         common["spark.staging_dir"] = str(base / "staging")
     return load_job_config(job, None, [f"{key}={json.dumps(value)}" for key, value in {**common, **fields}.items()])
@@ -289,7 +299,20 @@ def train_retriever_run(store, base) -> dict[str, Quarantine]:
     return runs
 
 
-QUARANTINE_RUNS = {"recode": "recode_run", "ingest": "ingest_run", "train-retriever": "train_retriever_run"}
+@pytest.fixture(scope="module")
+def evaluate_run(base) -> dict[str, Quarantine]:
+    history, bad_history = _bad_interactions(STORE_ITEMS, quarantined_item=None)
+    targets = history.slice(0, 30)
+    out = str(base / "evaluation.json")
+    config = _config("evaluate", base, base / "store", history=_write(base, "evaluate-history", history),
+                     targets=_write(base, "evaluate-targets", targets), out=out)  # fmt: skip
+    validated = evaluate_validation(config, pa.array(STORE_ITEMS), out)
+    assert validated["targets"].counts["rejected"] == 0 and validated["history"].valid.num_rows == validated["history"].counts["rows_out"]
+    rejects = read_parquet(rejects_url(out, "history"))
+    return {"history": Quarantine(history.num_rows, validated["history"].counts, rejects, bad_history, ("user_id", "item_id"))}
+
+
+QUARANTINE_RUNS = {"recode": "recode_run", "ingest": "ingest_run", "train-retriever": "train_retriever_run", "evaluate": "evaluate_run"}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -335,6 +358,11 @@ def _refusing_inputs(case: Case) -> dict[str, pa.Table]:
         ("train-retriever", "valid", "max_reject_fraction"):
             {"interactions": store_events, "valid": store_events.set_column(1, "item_id", pa.array([100, 7, 8, 9], pa.int64()))},
         ("train-retriever", "query log", "missing column"): {"interactions": queries, "valid": queries},
+        ("evaluate", "targets", "missing column"): {"history": store_events, "targets": store_events.drop_columns(["timestamp"])},
+        ("evaluate", "history", "item_id types differ across tables"):
+            {"history": store_events.set_column(1, "item_id", store_events["item_id"].cast(pa.string())), "targets": store_events},
+        ("evaluate", "targets", "max_reject_fraction"):
+            {"history": store_events, "targets": store_events.set_column(1, "item_id", pa.array([100, 7, 8, 9], pa.int64()))},
         ("generate", "requests", "missing column"): {"requests": pa.table({"request_id": [1, 2]})},
         ("generate", "requests", "item_id types differ across tables"):
             {"requests": pa.table({"request_id": [1], "history": pa.array([["100"]], pa.list_(pa.string()))})},
@@ -364,6 +392,11 @@ def test_the_job_stops_naming_the_rule_and_publishes_nothing(case: Case, store, 
         kind = "query" if case.input == "query log" else "history"
         with pytest.raises(InputError, match=case.expected):
             run_train_retriever(_config("train-retriever", base, store, request_kind=kind, **inputs))
+    elif case.job == "evaluate":
+        out = base / f"evaluation-{case.rule}.json".replace(" ", "-")
+        with pytest.raises(InputError, match=case.expected):
+            run_evaluate(_config("evaluate", base, store, out=str(out), **inputs))
+        assert not out.exists() and not Path(rejects_url(str(out), "history")).exists()  # no report, no rejects
     else:
         out = base / f"candidates-{case.rule}".replace(" ", "-")
         with pytest.raises(InputError, match=case.expected):

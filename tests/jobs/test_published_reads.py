@@ -79,6 +79,7 @@ def store(tmp_path):
     assignments = [f"{key}={json.dumps(value)}" for key, value in {
         "storage.root": str(root), "history": str(tmp_path / "history.parquet"), "targets": str(tmp_path / "targets.parquet"),
         "generation.beam_width": 4, "hallucination_requests": 4, "out": str(tmp_path / "evaluation.json"),
+        "max_reject_fraction": 0.1,  # one target of 12 is unknown
     }.items()]  # fmt: skip
     return root, sid_version, load_job_config("evaluate", None, assignments), assignments
 
@@ -97,7 +98,7 @@ def test_evaluate_reads_only_the_files_the_manifests_list(store):
 
     report = run_evaluate(config).report
     assert report["sid_version"] == sid_version and report["metrics"]["requests"] == USERS - 1
-    assert report["off_catalog"]["targets"] == 1  # item 999 is not in the published version
+    assert report["input"]["targets"]["by_reason"] == {"unknown_item_id": 1}  # item 999 is not in the published version
 
 
 @pytest.mark.parametrize("changed", [f"sids/{layout.EMBEDDINGS}/part-0.parquet", f"sids/{layout.TRIE}/trie.json",
