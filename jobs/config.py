@@ -200,6 +200,7 @@ class TrainRetrieverConfig:
     model: RetrieverShape = field(default_factory=RetrieverShape)
     train: RetrieverTrainConfig = field(default_factory=RetrieverTrainConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)  # input validation
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:

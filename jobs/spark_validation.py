@@ -24,11 +24,13 @@ from sa2crq.data.validation import (
     ITEM_REJECT_REASONS,
     MAX_EMBEDDING_VALUE,
     MIN_EMBEDDING_NORM,
+    QUERY_REJECT_REASONS,
     REJECT_REASON_COLUMN,
     InputError,
     check_interactions_schema,
     check_item_id_types,
     check_items_schema,
+    check_queries_schema,
 )
 
 
@@ -93,6 +95,23 @@ def validate_interactions(interactions: DataFrame, valid_item_ids: DataFrame, *,
         "duplicate_interaction": F.col("_copy") > 1,
     }
     return _quarantine("interactions", marked, INTERACTION_REJECT_REASONS, rules, max_reject_fraction, drop=["_known", "_seq", "_copy"])
+
+
+def validate_queries(queries: DataFrame, valid_item_ids: DataFrame, *, max_reject_fraction: float) -> SparkValidated:
+    schema = pa.schema([pa.field(f.name, _arrow_type(f.dataType)) for f in queries.schema.fields])
+    check_queries_schema(schema)
+    check_item_id_types(schema.field("item_id").type, _arrow_type(valid_item_ids.schema["item_id"].dataType), table="queries")
+    known = valid_item_ids.select("item_id").distinct().withColumn("_known", F.lit(True))
+    marked = queries.join(known.hint("merge"), "item_id", "left")  # the catalog: never broadcast
+    rules = {
+        "null_query_id": F.col("query_id").isNull(),
+        "null_item_id": F.col("item_id").isNull(),
+        "invalid_utf8": _invalid_utf8(queries),
+        # Any Unicode non-whitespace character, as the library's utf8_trim_whitespace.
+        "blank_query": ~F.coalesce(F.col("query").rlike(r"(?U)\S"), F.lit(False)),
+        "unknown_item_id": F.col("_known").isNull(),
+    }
+    return _quarantine("queries", marked, QUERY_REJECT_REASONS, rules, max_reject_fraction, drop=["_known"])
 
 
 def _quarantine(name: str, frame: DataFrame, reasons: tuple[str, ...], rules: dict, max_reject_fraction: float, *, drop: list[str]) -> SparkValidated:

@@ -5,10 +5,12 @@ interactions with checkpoints selected by validation Recall@10, its item scorer 
 validation targets, and published as a retriever version whose checkpoint records the SID version
 it was trained on (generation refuses any other) and the tuned scorer weights.
 
-Both inputs are validated in the driver before any worker starts (:func:`validate_inputs`), against
-the SID version's items: interactions as the catalog's (:func:`sa2crq.data.validation.validate_interactions`),
-query logs by :func:`sa2crq.data.validation.validate_queries`. Rejected rows are published with the
-retriever under ``rejects/<input>/`` with their reasons; the workers read the rows that passed.
+Both inputs are validated in Spark before any worker starts (:func:`validate_inputs`), against the
+SID version's items, so no catalog-sized column or input reaches the driver: interactions by
+:func:`jobs.spark_validation.validate_interactions` (the recode's rules), query logs by
+:func:`jobs.spark_validation.validate_queries` (the library's :func:`sa2crq.data.validation.validate_queries`).
+Rejected rows are published with the retriever under ``rejects/<input>/`` with their reasons; the
+workers read the rows that passed, in the input's order.
 """
 
 from __future__ import annotations
@@ -17,18 +19,17 @@ import dataclasses
 import logging
 
 from jobs.config import TrainRetrieverConfig, config_dict
-from jobs.engines import ray_runtime, remove_tree
+from jobs.engines import SparkStaging, ray_runtime, remove_tree, spark_session
 from jobs.object_store import object_store
 from jobs.publishing import publish_on_latest, resolve_version, write_json, write_text
 from jobs.summary import JobSummary
 from sa2crq.data.embed import EMBEDDING_DIM
-from sa2crq.data.validation import InputError, validate_interactions, validate_queries, write_rejects
+from sa2crq.data.validation import InputError
 from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.metrics.html_report import retriever_page
 from sa2crq.retrieval.checkpoint import save_retriever
 from sa2crq.retrieval.model import RetrieverConfig
 from sa2crq.storage import layout
-from sa2crq.storage.filesystem import read_parquet, write_parquet
 from sa2crq.storage.publish import Publisher
 from sa2crq.storage.published import PublishedVersion
 
@@ -39,7 +40,7 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
     from ray_workers.training import TrainRun, fit_retriever
 
     storage = config.storage
-    with object_store(storage), ray_runtime(config.ray):
+    with object_store(storage), spark_session(config.spark, "train-retriever") as spark, ray_runtime(config.ray):
         sids = Publisher(storage.sids)
         sid_version = resolve_version(sids, config.sid_version, "SID", hint="run `sa2crq recode` first")
         vocab = SIDVocabulary.from_dict(sids.manifest(sid_version).meta["vocab"])
@@ -54,11 +55,15 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         version = retrievers.new_version()
         url = retrievers.version_url(version)
         summary = JobSummary("train-retriever", version)
+        staging = SparkStaging(config.spark)
         try:
             run = TrainRun(name=f"retriever-{version}", storage_path=storage.runs, **config.ray.train_group)
-            counts = validate_inputs(config, sid_files, url)
+            try:
+                counts = validate_inputs(config, spark, staging, sid_files, url)
+            finally:
+                staging.cleanup()
             model, history, scorer = fit_retriever(
-                sid_files, _valid_rows(url, "interactions"), _valid_rows(url, "valid"),
+                sid_files, valid_rows(url, "interactions"), valid_rows(url, "valid"),
                 model_config, config.train, run, query_cache_dir=config.embedding_cache,
             )  # fmt: skip
             remove_tree(f"{url}/{layout.WORK}")
@@ -90,28 +95,36 @@ def run_train_retriever(config: TrainRetrieverConfig) -> JobSummary:
         return summary
 
 
-def validate_inputs(config: TrainRetrieverConfig, sids: PublishedVersion, url: str) -> dict[str, dict]:
-    """The job's first step, in the driver: both inputs (``interactions`` and ``valid``) validated against
+def validate_inputs(config: TrainRetrieverConfig, spark, staging: SparkStaging, sids: PublishedVersion, url: str) -> dict[str, dict]:
+    """The job's first step, in Spark: both inputs (``interactions`` and ``valid``) validated against
     the SID version's items, each one's rejected rows written with their reasons under ``url``'s
-    ``rejects/<input>/`` and the rows that passed to its work directory, which the workers read. Returns
-    each input's counts; a table-level problem raises an ``InputError`` naming the input."""
-    known = sids.read_parquet(layout.SID_TABLE, columns=["item_id"]).column("item_id")
+    ``rejects/<input>/`` and the rows that passed, in the input's order, to its work directory,
+    which the workers read. Returns each input's counts; a table-level problem raises an
+    ``InputError`` naming the input."""
+    from pyspark.sql import functions as F
+
+    from jobs.spark_validation import validate_interactions, validate_queries
+
+    known = staging.read_published(spark, sids, layout.SID_TABLE).select("item_id")
     validate = validate_queries if config.request_kind == "query" else validate_interactions
-    counts = {}
+    results = {}
     for name in ("interactions", "valid"):
         source = getattr(config, name)
+        # The input's row order, kept for the workers (ties in a user's timestamps keep their order).
+        frame = staging.read(spark, source).withColumn("_input_row", F.monotonically_increasing_id())
         try:
-            result = validate(read_parquet(source), known_item_ids=known, max_reject_fraction=config.max_reject_fraction)
+            results[name] = validate(frame, known, max_reject_fraction=config.max_reject_fraction)
         except InputError as refusal:
             raise InputError(f"{name} ({source}): {refusal}") from refusal
-        write_rejects(result, f"{url}/{layout.REJECTS}/{name}/part-00000.parquet")
-        write_parquet(result.valid, _valid_rows(url, name))
-        counts[name] = result.counts
-    return counts
+    for name, result in results.items():  # a refused run writes nothing
+        staging.write(result.rejects.drop("_input_row"), f"{url}/{layout.REJECTS}/{name}")
+        staging.write(result.valid.orderBy("_input_row").drop("_input_row"), valid_rows(url, name))
+    return {name: result.counts for name, result in results.items()}
 
 
-def _valid_rows(url: str, name: str) -> str:
-    return f"{url}/{layout.WORK}/{name}.parquet"
+def valid_rows(url: str, name: str) -> str:
+    """The directory of an input's rows that passed validation, which the workers read."""
+    return f"{url}/{layout.WORK}/{name}"
 
 
 def _embedding_dim(sids: PublishedVersion) -> int:

@@ -30,6 +30,7 @@ from jobs.ingest import run_ingest, validate_batch
 from jobs.recode import run_recode
 from jobs.recode import validate_inputs as recode_validation
 from jobs.train_retriever import run_train_retriever
+from jobs.train_retriever import valid_rows
 from jobs.train_retriever import validate_inputs as train_retriever_validation
 from sa2crq.data.validation import REJECT_REASON_COLUMN, InputError, readable_rows
 from sa2crq.retrieval.candidates import GenerationConfig
@@ -85,7 +86,7 @@ TABLE: list[Case] = [
          rf"items: column 'item_id' has type string but the published version \S+'s item_id has type int64: {BOTH_INTEGER}", VIA_JOB),
     Case("ingest", "items", "max_reject_fraction", "error",
          r"items: 3 of 4 rows rejected \(75\.00%\).*examples: item_id=1: no_text_or_embedding", VIA_JOB),
-    # train-retriever: both inputs validated in the driver against the SID version's items (jobs.train_retriever.validate_inputs)
+    # train-retriever: both inputs validated in Spark against the SID version's items (jobs.train_retriever.validate_inputs)
     *_quarantined("train-retriever", "interactions", INTERACTION_REASONS),
     *_quarantined("train-retriever", "query log", QUERY_REASONS),
     Case("train-retriever", "interactions", "missing column", "error",
@@ -229,7 +230,7 @@ def _config(job: str, base: Path, root: Path, **fields):
     common = {"storage.root": str(root)}
     if job != "evaluate":  # evaluate runs in its own process, without Ray
         common |= {"ray.train_workers": 1, "ray.cpus_per_train_worker": 0.5, "ray.actors": 1, "ray.cpus_per_actor": 0.5}
-    if job in ("recode", "ingest"):  # the Spark jobs
+    if job in ("recode", "ingest", "train-retriever"):  # the jobs that use Spark
         common["spark.staging_dir"] = str(base / "staging")
     return load_job_config(job, None, [f"{key}={json.dumps(value)}" for key, value in {**common, **fields}.items()])
 
@@ -278,7 +279,7 @@ def ingest_run(store, base) -> dict[str, Quarantine]:
 
 
 @pytest.fixture(scope="module")
-def train_retriever_run(store, base) -> dict[str, Quarantine]:
+def train_retriever_run(spark, store, base) -> dict[str, Quarantine]:
     sids = Publisher(str(store / "sids"))
     version = PublishedVersion.open(sids, sids.latest())
     interactions, bad_interactions = _bad_interactions(STORE_ITEMS, quarantined_item=None)
@@ -290,10 +291,16 @@ def train_retriever_run(store, base) -> dict[str, Quarantine]:
         config = _config("train-retriever", base, store, request_kind=kind, interactions=_write(base, f"train-{kind}", table),
                          valid=_write(base, f"valid-{kind}", clean_valid[kind]))  # fmt: skip
         url = str(base / f"retriever-version-{kind}")
-        counts = train_retriever_validation(config, version, url)
+        staging = SparkStaging(config.spark)
+        try:
+            counts = train_retriever_validation(config, spark, staging, version, url)
+        finally:
+            staging.cleanup()
         assert counts["valid"]["rejected"] == 0
-        # The workers read the rows that passed, and only those.
-        assert read_parquet(f"{url}/{layout.WORK}/interactions.parquet").num_rows == counts["interactions"]["rows_out"]
+        # The workers read the rows that passed, and only those, in the input's order.
+        passed = read_parquet(valid_rows(url, "interactions"))
+        assert passed.num_rows == counts["interactions"]["rows_out"]
+        assert passed.column(keys[0]).to_pylist() == table.slice(0, passed.num_rows).column(keys[0]).to_pylist()
         rejects = read_parquet(f"{url}/{layout.REJECTS}/interactions")
         runs[name] = Quarantine(table.num_rows, counts["interactions"], rejects, expected, keys)
     return runs

@@ -14,7 +14,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from jobs import spark_validation
-from sa2crq.data.validation import InputError, validate_interactions, validate_items
+from sa2crq.data.validation import InputError, validate_interactions, validate_items, validate_queries
 from sa2crq.storage.filesystem import read_parquet
 from tests.data.test_data_validation import INVALID_UTF8, unchecked_strings
 
@@ -162,3 +162,44 @@ def test_the_reject_ceiling_and_schema_rules_refuse_the_input(spark, tmp_path):
     pq.write_table(pa.table({"item_id": [1.5], "title": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(InputError, match="item_id"):
         spark_validation.validate_items(spark.read.parquet(str(tmp_path / "bad.parquet")), max_reject_fraction=1.0)
+
+
+QUERY_CASES = {
+    # every rule once: null query id, null item id, invalid UTF-8 (in the text and in a string id),
+    # blank in any whitespace, no text, an unknown item; the first rule broken wins
+    "every row rule": pa.table({
+        "query_id": pa.array([1, None, 3, 4, 5, 6, 7, 8, 9], pa.int64()),
+        "query": unchecked_strings([b"red lipstick", b"x", b"y", b"caf\xff", " \t\u3000".encode(), None, b"z", b"\xff", b"ok"]),
+        "item_id": pa.array([1, 2, None, 2, 1, 1, 99, 3, 2], pa.int64()),
+    }),
+    "string item ids": pa.table({"query_id": [1], "query": ["x"], "item_id": ["1"]}),
+    "missing column": pa.table({"query_id": [1], "item_id": pa.array([1], pa.int64())}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(QUERY_CASES))
+def test_spark_and_library_quarantine_query_logs_alike(case, spark, tmp_path):
+    pq.write_table(QUERY_CASES[case], tmp_path / "queries.parquet")
+    known = pa.table({"item_id": pa.array([1, 2, 3], pa.int64())})
+    pq.write_table(known, tmp_path / "known.parquet")
+    keys = ["query_id", "item_id"]
+    outcomes = []
+    try:
+        result = validate_queries(read_parquet(tmp_path / "queries.parquet"), known_item_ids=known.column("item_id"))
+        outcomes.append((result.counts, _arrow_rows(result.valid, keys), _arrow_rows(result.rejects, [*keys, "reject_reason"])))
+    except InputError as refusal:
+        outcomes.append(str(refusal))
+    try:
+        result = spark_validation.validate_queries(spark.read.parquet(str(tmp_path / "queries.parquet")),
+                                                   spark.read.parquet(str(tmp_path / "known.parquet")), max_reject_fraction=1.0)  # fmt: skip
+        outcomes.append((result.counts, _spark_rows(result.valid, keys), _spark_rows(result.rejects, [*keys, "reject_reason"])))
+    except InputError as refusal:
+        outcomes.append(str(refusal))
+    assert outcomes[0] == outcomes[1]
+    if case == "every row rule":
+        assert outcomes[0][0]["by_reason"] == {"blank_query": 2, "invalid_utf8": 2, "null_item_id": 1, "null_query_id": 1, "unknown_item_id": 1}
+        assert [row[0] for row in outcomes[0][1]] == [1, 9]
+    elif case == "string item ids":
+        assert "both must be integer or both string" in outcomes[0]
+    else:
+        assert outcomes[0].startswith("queries: missing required column 'query'")
