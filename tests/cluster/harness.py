@@ -10,6 +10,7 @@ picked free at start, so other Rays and Sparks on the machine are left alone.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -90,11 +91,13 @@ def _kill_processes_naming(marker: str) -> None:
 
 
 class RayCluster:
-    """``ray start --head`` and ``ray start --address`` as two nodes of one CPU each, on loopback."""
+    """``ray start --head`` and ``ray start --address`` on loopback. As in the KubeRay manifests, the
+    head runs the job drivers and no tasks (0 CPUs); the worker node has the machine's 2 CPUs, so a
+    lost worker node loses every task and actor until its replacement joins."""
 
-    def __init__(self, logs: Path, cpus_per_node: int = 1) -> None:
+    def __init__(self, logs: Path, worker_cpus: int = 2) -> None:
         self.logs = logs
-        self.cpus = cpus_per_node
+        self.worker_cpus = worker_cpus
         # Short: Ray's Unix socket paths live under it and must stay under 108 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="sa2crq-ray-", dir="/tmp")
         # Ray turns 127.0.0.1 into the machine's network address (so other machines can join);
@@ -120,16 +123,16 @@ class RayCluster:
                 "--runtime-env-agent-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
                 "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]  # fmt: skip
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, cpus: int, args: list[str]) -> subprocess.Popen:
         log = self.logs / f"{name}.log"
-        command = [str(BIN / "ray"), "start", "--block", "--node-ip-address", self.node_ip, "--num-cpus", str(self.cpus),
+        command = [str(BIN / "ray"), "start", "--block", "--node-ip-address", self.node_ip, "--num-cpus", str(cpus),
                    "--disable-usage-stats", "--object-store-memory", str(300 * 2**20), *self._node_ports(), *args]  # fmt: skip
         with open(log, "ab") as out:
             return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     env=base_environment(), cwd=self.temp_dir, start_new_session=True)  # fmt: skip
 
     def start(self) -> None:
-        self.head = self._start("ray-head", ["--head", "--port", str(self.gcs_port), "--temp-dir", self.temp_dir,
+        self.head = self._start("ray-head", 0, ["--head", "--port", str(self.gcs_port), "--temp-dir", self.temp_dir,
                                              "--include-dashboard", "true", "--dashboard-host", self.node_ip,
                                              "--dashboard-port", str(self.dashboard_port)])  # fmt: skip
         _wait_for_port(self.node_ip, self.gcs_port, self.head, self.logs / "ray-head.log")
@@ -139,7 +142,7 @@ class RayCluster:
     def add_worker(self) -> None:
         """Start a worker node and wait until the cluster counts it."""
         alive = self.alive_nodes()
-        worker = self._start(f"ray-worker-{len(self.workers)}", ["--address", self.address])
+        worker = self._start(f"ray-worker-{len(self.workers)}", self.worker_cpus, ["--address", self.address])
         self.workers.append(worker)
         deadline = time.monotonic() + START_TIMEOUT_S
         while self.alive_nodes() <= alive:
@@ -151,11 +154,8 @@ class RayCluster:
 
     def kill_worker(self) -> None:
         """Kill the newest worker node outright (raylet, its workers and their objects), as a lost machine."""
-        worker = self.workers[-1]
-        _kill_group(worker)
-        # Workers the raylet put in sessions of their own name the node's raylet socket only through the
-        # shared temp dir; the head's live on. Find this node's by its node manager port in their command line.
         alive = self.alive_nodes()
+        _kill_group(self.workers[-1])
         deadline = time.monotonic() + 60
         while self.alive_nodes() >= alive and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -185,6 +185,7 @@ class RayCluster:
         for process in [*self.workers, self.head]:
             _kill_group(process)
         _kill_processes_naming(self.temp_dir)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 class SparkCluster:
@@ -232,3 +233,4 @@ class SparkCluster:
         _kill_group(self.worker)
         _kill_group(self.master)
         _kill_processes_naming(self.work_dir)  # executors the worker started
+        shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -1,7 +1,7 @@
 """The jobs on clusters, submitted as users submit them, against the same jobs run embedded.
 
 On this machine, on loopback: a Ray cluster of a head and a worker node (separate ``ray start``
-process trees, one CPU each), a Spark standalone master and worker, and the SeaweedFS S3 server.
+process trees; the head runs the drivers, the worker node the tasks), a Spark standalone master and worker, and the SeaweedFS S3 server.
 The Ray jobs go through ``ray job submit`` with a runtime environment (the repository as its
 working_dir, the S3 endpoint and credentials as env_vars: the nodes themselves have neither); the
 recode's Spark part goes through ``infra/spark/submit-recode.sh`` (spark-submit), run as that Ray
@@ -53,8 +53,8 @@ TOKENIZER = {
     "rqvae": {"codebook_size": 16, "latent_dim": 8, "hidden_dims": [32], "epochs": 8, "batch_size": 128},
     "acrq": {"epochs_per_stage": 3},
 }
-# Two CPUs in both modes (the embedded Ray's two, the cluster's two nodes of one): the same shards
-# and worker groups, so the same results.
+# Two CPUs in both modes (the embedded Ray's, the cluster's worker node's): the same shards and
+# worker groups, so the same results.
 RAY = {"ray.train_workers": 2, "ray.cpus_per_train_worker": 0.5, "ray.actors": 2, "ray.cpus_per_actor": 0.5}
 RETRIEVER = {
     "model": {"d_model": 16, "num_heads": 2, "head_dim": 8, "d_ff": 32, "encoder_layers": 1, "decoder_layers": 1},
@@ -73,8 +73,8 @@ def _sets(settings: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def inputs(s3_endpoint, tmp_path_factory) -> dict[str, str]:
     """The end-to-end tests' catalog (items with their embeddings, heavy-tailed interactions, a
-    validation target per user), uploaded: the jobs read s3:// URLs only. The requests come in 15
-    row groups (15 generation shards), so the generate stage is long enough to lose a node in."""
+    validation target per user), uploaded: the jobs read s3:// URLs only. The requests come in 30
+    row groups (30 generation shards), so the generate stage is long enough to lose a node in."""
     local = tmp_path_factory.mktemp("cluster-inputs")
     catalog = make_catalog(n=N_ITEMS, dim=DIM, clusters=12, seed=3)
     items = pa.table({"item_id": catalog.item_ids, "title": [f"item {i}" for i in catalog.item_ids],
@@ -91,7 +91,7 @@ def inputs(s3_endpoint, tmp_path_factory) -> dict[str, str]:
         "items": (items, None),
         "train": (interactions.filter(pa.array(timestamps < 10)), None),
         "valid": (interactions.filter(pa.array(timestamps == 10)), None),
-        "requests": (history_requests(interactions.filter(pa.array(timestamps < 11))), 10),
+        "requests": (history_requests(interactions.filter(pa.array(timestamps < 11))), 5),
         "new-items": (new_items, None),
     }
     ensure_bucket(BUCKET)
@@ -215,7 +215,7 @@ def assert_close(got, expected, where: str) -> None:
     if isinstance(expected, dict):
         assert isinstance(got, dict) and got.keys() == expected.keys(), where
         for key in expected:
-            if "seconds" not in key:
+            if "second" not in key:  # wall times and rates
                 assert_close(got[key], expected[key], f"{where}.{key}")
     elif isinstance(expected, list):
         assert isinstance(got, list) and len(got) == len(expected), where
@@ -228,29 +228,26 @@ def assert_close(got, expected, where: str) -> None:
 
 
 def test_generate_survives_losing_a_ray_node_and_publishes_the_embedded_candidates(inputs, ray_cluster, tmp_path):
-    """The worker node is killed outright once a generation actor runs on it; a replacement node
-    joins (as KubeRay replaces a lost pod) and Ray Data retries the lost shards. Both runs serve the
-    embedded root's retriever, so their candidates must be equal bit for bit."""
-    from ray.util.state import list_actors, list_nodes
-
+    """The worker node, where every generation actor runs, is killed outright (its whole process
+    tree) once the first shard is written; a replacement node joins, as KubeRay replaces a lost pod,
+    and Ray restarts the actors and retries the lost shards. Both runs serve the embedded root's
+    retriever, so their candidates must be equal bit for bit."""
     settings = {"requests": inputs["requests"], "storage.root": EMBEDDED, "generation": {"beam_width": 5, "k": 10}}
     run_embedded("generate", {**settings, "out": f"{EMBEDDED}/candidates"})
 
     out = f"{CLUSTER}/candidates"
+    fs, base = fsspec_filesystem(out)
     command = ray_job_submit(ray_cluster, runtime_environment(tmp_path), [*CLI, "generate", *_sets({**settings, "out": out})])
     job = subprocess.Popen(command, env=base_environment(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        worker = next(n.node_id for n in list_nodes(address=ray_cluster.dashboard_url, filters=[("state", "=", "ALIVE")]) if not n.is_head_node)
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not any("MapWorker" in a.class_name and a.node_id == worker
-                      for a in list_actors(address=ray_cluster.dashboard_url, filters=[("state", "=", "ALIVE")], timeout=10)):  # fmt: skip
-            assert job.poll() is None, f"generate ended before a generation actor ran on the worker node:\n{job.stdout.read()[-6000:]}"
-            assert time.monotonic() < deadline, "no generation actor ever ran on the worker node"
-            time.sleep(0.2)
+        while not fs.glob(f"{base}/versions/*/{PARTS}/*"):
+            assert job.poll() is None, f"generate ended before it wrote a shard:\n{job.stdout.read()[-6000:]}"
+            assert time.monotonic() < deadline, "generate wrote no shard"
+            time.sleep(0.05)
         ray_cluster.kill_worker()
-        fs, base = fsspec_filesystem(out)
         parts_at_kill = len(fs.glob(f"{base}/versions/*/{PARTS}/*"))
-        assert job.poll() is None and parts_at_kill < 15, "the stage was over when the node was lost"
+        assert job.poll() is None and parts_at_kill < 30, f"the stage was over when the node was lost ({parts_at_kill} of 30 shards)"
         ray_cluster.add_worker()
         logs, _ = job.communicate(timeout=JOB_TIMEOUT_S)
     finally:
@@ -258,6 +255,7 @@ def test_generate_survives_losing_a_ray_node_and_publishes_the_embedded_candidat
             job.kill()
             job.wait()
     assert job.returncode == 0, f"generate failed after the node was lost:\n{logs[-8000:]}"
+    print(f"generate: {parts_at_kill} of 30 shards written when the worker node was killed")
 
     def candidates(store_url: str) -> pa.Table:
         store = Publisher(store_url)
