@@ -140,34 +140,34 @@ class RayCluster:
         self.add_worker()
 
     def add_worker(self) -> None:
-        """Start a worker node and wait until the cluster counts it."""
-        alive = self.alive_nodes()
+        """Start a worker node and wait until the head counts it alive."""
+        before = self.worker_nodes()
         worker = self._start(f"ray-worker-{len(self.workers)}", self.worker_cpus, ["--address", self.address])
         self.workers.append(worker)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while self.alive_nodes() <= alive:
+        while not self.worker_nodes() - before:
             if worker.poll() is not None:
                 raise RuntimeError(f"the Ray worker node exited ({worker.returncode}):\n{_tail(self.logs / f'ray-worker-{len(self.workers) - 1}.log')}")
             if time.monotonic() > deadline:
                 raise TimeoutError("the Ray worker node did not join the cluster")
             time.sleep(0.5)
 
-    def kill_worker(self) -> None:
-        """Kill the newest worker node outright (raylet, its workers and their objects), as a lost machine."""
-        alive = self.alive_nodes()
+    def kill_worker(self) -> set[str]:
+        """Kill the newest worker node outright (raylet, its workers and their objects), as a lost
+        machine; returns the node ids it had. The head notices only when its health checks fail."""
+        lost = self.worker_nodes()
         _kill_group(self.workers[-1])
-        deadline = time.monotonic() + 60
-        while self.alive_nodes() >= alive and time.monotonic() < deadline:
-            time.sleep(0.5)
+        return lost
 
-    def alive_nodes(self) -> int:
-        """Nodes the head reports alive (through the dashboard's state API; 0 before it answers)."""
+    def worker_nodes(self, state: str = "ALIVE") -> set[str]:
+        """Ids of the worker nodes the head reports in ``state`` (none before it answers)."""
         from ray.util.state import list_nodes
 
         try:
-            return len(list_nodes(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], timeout=10))
-        except Exception:  # the head not answering yet is "none alive"
-            return 0
+            nodes = list_nodes(address=self.dashboard_url, filters=[("state", "=", state)], timeout=10)
+        except Exception:  # the head not answering yet: no nodes known
+            return set()
+        return {node.node_id for node in nodes if not node.is_head_node}
 
     def _wait_for_job_server(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -245,7 +245,7 @@ def test_generate_survives_losing_a_ray_node_and_publishes_the_embedded_candidat
             assert job.poll() is None, f"generate ended before it wrote a shard:\n{job.stdout.read()[-6000:]}"
             assert time.monotonic() < deadline, "generate wrote no shard"
             time.sleep(0.05)
-        ray_cluster.kill_worker()
+        lost = ray_cluster.kill_worker()
         parts_at_kill = len(fs.glob(f"{base}/versions/*/{PARTS}/*"))
         assert job.poll() is None and parts_at_kill < 30, f"the stage was over when the node was lost ({parts_at_kill} of 30 shards)"
         ray_cluster.add_worker()
@@ -255,6 +255,10 @@ def test_generate_survives_losing_a_ray_node_and_publishes_the_embedded_candidat
             job.kill()
             job.wait()
     assert job.returncode == 0, f"generate failed after the node was lost:\n{logs[-8000:]}"
+    deadline = time.monotonic() + 120
+    while not lost <= ray_cluster.worker_nodes("DEAD"):  # the head saw the node go
+        assert time.monotonic() < deadline, f"the head never marked {lost} dead"
+        time.sleep(1)
     print(f"generate: {parts_at_kill} of 30 shards written when the worker node was killed")
 
     def candidates(store_url: str) -> pa.Table:
