@@ -164,10 +164,10 @@ class RayCluster:
         from ray.util.state import list_nodes
 
         try:
-            nodes = list_nodes(address=self.dashboard_url, filters=[("state", "=", state)], timeout=10)
+            nodes = list_nodes(address=self.dashboard_url, timeout=10, raise_on_missing_output=False)
         except Exception:  # the head not answering yet: no nodes known
             return set()
-        return {node.node_id for node in nodes if not node.is_head_node}
+        return {node.node_id for node in nodes if node.state == state and not node.is_head_node}
 
     def _wait_for_job_server(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
