@@ -12,7 +12,7 @@ DEMO_OUT := out/demo
 export HF_HUB_OFFLINE := 1
 export SPARK_LOCAL_IP := 127.0.0.1
 
-.PHONY: venv test faults demo clean
+.PHONY: venv test faults cluster demo clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ test: $(STAMP)
 FAULT_TABLE := out/faults/tables.md
 faults: $(STAMP)
 	$(BIN)/python -m pytest -m "fault_scenario or bad_input" --fault-table=$(FAULT_TABLE)
+
+# The jobs submitted to clusters started on loopback (a Ray head and worker node, a Spark standalone
+# master and worker, SeaweedFS) and compared with their embedded runs (infra/README.md).
+cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster tests/cluster
 
 # The pipeline on MovieLens-100K through local Spark, local Ray and a local S3 server (SeaweedFS,
 # data under $(DEMO_OUT)/object-store, started and stopped by each job). Each run starts from an

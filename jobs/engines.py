@@ -104,6 +104,10 @@ class SparkStaging:
         self.direct = config.direct_object_store
         self.local_root = Path(config.staging_dir) / uuid.uuid4().hex
         self._local_dirs = itertools.count()
+        if not self.direct and not config.master.startswith("local"):
+            log.warning("spark.direct_object_store is off with the cluster master %s: executors write the staged parquet under %s "
+                        "on their own disks, which is correct only where they share the driver's disk (one machine)",
+                        config.master, config.staging_dir)  # fmt: skip
 
     def read(self, spark: "SparkSession", url: str) -> "DataFrame":
         return spark.read.parquet(self._readable(url))

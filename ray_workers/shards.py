@@ -77,7 +77,7 @@ def list_shards(url: str) -> list[Shard]:
     fs, base, files = _input_files(url)
     shards = []
     for path in files:
-        stem = posixpath.relpath(path, base)[: -len(PARQUET_SUFFIX)].replace("/", "-")
+        stem = _under(path, base)[: -len(PARQUET_SUFFIX)].replace("/", "-")
         with fs.open_input_file(path) as handle:
             row_groups = pq.ParquetFile(handle).metadata.num_row_groups
         shards.extend(Shard(f"{stem}-rg{group:05d}", path, group) for group in range(row_groups))
@@ -94,10 +94,10 @@ def input_fingerprint(url: str) -> str:
     of its bytes. Paths count because shard (and output) names come from them. Reads every byte once."""
     fs, base, files = _input_files(url)
     digest = hashlib.sha256()
-    for path in sorted(files, key=lambda p: posixpath.relpath(p, base)):
+    for path in sorted(files, key=lambda p: _under(p, base)):
         with fs.open_input_stream(path) as stream:
             size, sha256 = stream_sha256(stream)
-        digest.update(f"{posixpath.relpath(path, base)}\t{size}\t{sha256}\n".encode())
+        digest.update(f"{_under(path, base)}\t{size}\t{sha256}\n".encode())
     return f"sha256:{digest.hexdigest()}"
 
 
@@ -107,9 +107,16 @@ def input_snapshot(url: str) -> str:
     its modification time. A file rewritten since (even with the same content) gives another
     snapshot; for a content fingerprint, which reads every byte, use :func:`input_fingerprint`."""
     fs, base, files = _input_files(url)
-    infos = sorted(fs.get_file_info(files), key=lambda info: posixpath.relpath(info.path, base))
-    lines = (f"{posixpath.relpath(info.path, base)}\t{info.size}\t{info.mtime_ns}\n" for info in infos)
+    infos = sorted(fs.get_file_info(files), key=lambda info: _under(info.path, base))
+    lines = (f"{_under(info.path, base)}\t{info.size}\t{info.mtime_ns}\n" for info in infos)
     return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _under(path: str, base: str) -> str:
+    """``path`` relative to the directory ``base`` (both of one filesystem). Not ``posixpath.relpath``:
+    on the bucket-relative paths of an object store it reads the process's working directory, which a
+    Ray job's driver may have lost (its working_dir is unpacked again under it)."""
+    return path[len(base.rstrip("/")) + 1 :]
 
 
 def _input_files(url: str) -> tuple[pafs.FileSystem, str, list[str]]:
@@ -121,7 +128,7 @@ def _input_files(url: str) -> tuple[pafs.FileSystem, str, list[str]]:
     if info.type == pafs.FileType.File:
         return fs, posixpath.dirname(root), [root]
     found = [f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
-    return fs, root, [p for p in found if p.endswith(PARQUET_SUFFIX) and not _hidden(posixpath.relpath(p, root))]
+    return fs, root, [p for p in found if p.endswith(PARQUET_SUFFIX) and not _hidden(_under(p, root))]
 
 
 def map_shards(

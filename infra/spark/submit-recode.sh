@@ -4,13 +4,19 @@
 #
 #   SPARK_MASTER=yarn infra/spark/submit-recode.sh
 #   SPARK_MASTER=k8s://https://kubernetes.default.svc:443 infra/spark/submit-recode.sh --force
+#   SPARK_MASTER=spark://HOST:7077 CONFIG= infra/spark/submit-recode.sh --set items=s3://... --set ...
+#
+# Environment: CONFIG (the job config file; empty for none, every setting then a --set: a driver
+# started by `ray job submit` has no config file on its disk), PROPERTIES (Spark properties file),
+# SPARK_MASTER (required without CONFIG), DRIVER_MEMORY, DIRECT_OBJECT_STORE (default true; false
+# only where every executor shares the driver's disk: the one-machine cluster of infra/README.md).
 #
 # The recode job is one Python program that uses Spark, Ray and S3 together, so spark-submit
 # runs the CLI module itself (jobs/cli.py, as installed) with `recode` and its arguments:
 #   * Spark: the job's SparkSession builder (jobs/engines.py: spark_session) takes the
 #     properties below; its own config's spark.master, spark.shuffle_partitions and
 #     spark.driver.memory take precedence, so the master is passed to both and kept equal.
-#     The config must have spark.direct_object_store = true (s3a:// read and written by Spark).
+#     spark.direct_object_store = true (s3a:// read and written by Spark) is set here.
 #   * Ray: ray.address in the config ("auto", or RAY_ADDRESS) names the Ray cluster to attach to.
 #   * S3: storage.endpoint_url (or AWS_ENDPOINT_URL) must be set; credentials come from the
 #     standard AWS environment. Ray workers need the same endpoint in their own environment.
@@ -18,9 +24,16 @@
 # Extra arguments go to the job (e.g. --force, --reuse-tokenizer VERSION, --set k=v).
 set -euo pipefail
 
-CONFIG=${CONFIG:-infra/configs/recode.yaml}
+CONFIG=${CONFIG-infra/configs/recode.yaml}
 PROPERTIES=${PROPERTIES:-infra/spark/spark-submit.conf}
-SPARK_MASTER=${SPARK_MASTER:-$(python -c 'import sys; from sa2crq.config import read_config_file; print(read_config_file(sys.argv[1])["spark"]["master"])' "$CONFIG")}
+if [[ -n "$CONFIG" ]]; then
+  SPARK_MASTER=${SPARK_MASTER:-$(python -c 'import sys; from sa2crq.config import read_config_file; print(read_config_file(sys.argv[1])["spark"]["master"])' "$CONFIG")}
+  CONFIG_ARGS=(--config "$CONFIG")
+else
+  : "${SPARK_MASTER:?without CONFIG, set SPARK_MASTER}"
+  CONFIG_ARGS=()
+fi
+DIRECT_OBJECT_STORE=${DIRECT_OBJECT_STORE:-true}
 DRIVER_MEMORY=${DRIVER_MEMORY:-8g}
 
 # Spark's driver binds and advertises this address; executors must reach it. Without it the job
@@ -29,6 +42,9 @@ export SPARK_LOCAL_IP=${SPARK_LOCAL_IP:-$(hostname -i | awk '{print $1}')}
 export HF_HUB_OFFLINE=1
 
 CLI=$(python -c 'import jobs.cli; print(jobs.cli.__file__)')
+# spark-submit runs the CLI as a file, so Python puts jobs/ first on sys.path, not the directory
+# jobs/ lies in: name it, so that the driver imports the same project as the line above.
+export PYTHONPATH="$(dirname "$(dirname "$CLI")")${PYTHONPATH:+:$PYTHONPATH}"
 
 exec spark-submit \
   --master "$SPARK_MASTER" \
@@ -36,4 +52,4 @@ exec spark-submit \
   --driver-memory "$DRIVER_MEMORY" \
   --properties-file "$PROPERTIES" \
   --name sa2crq-recode \
-  "$CLI" recode --config "$CONFIG" --set "spark.master=$SPARK_MASTER" --set spark.direct_object_store=true "$@"
+  "$CLI" recode "${CONFIG_ARGS[@]}" --set "spark.master=$SPARK_MASTER" --set "spark.direct_object_store=$DIRECT_OBJECT_STORE" "$@"
