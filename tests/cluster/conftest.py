@@ -16,7 +16,7 @@ def cluster_logs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster(cluster_logs):
-    """A head and a worker node (``ray start``), one CPU each; the job server on the head's dashboard."""
+    """A head (no CPUs: the drivers) and a worker node of 2 CPUs (``ray start``); the job server on the head's dashboard."""
     cluster = RayCluster(cluster_logs)
     try:
         cluster.start()

@@ -110,7 +110,8 @@ def run_embedded(job: str, settings: dict) -> None:
     that this checkout's code runs, not the venv's editable install)."""
     started = time.monotonic()
     env = {**os.environ, "RAY_ADDRESS": "", "PATH": f"{BIN}:{os.environ['PATH']}", "SPARK_LOCAL_IP": "127.0.0.1"}
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", job, *_sets({"spark.master": "local[1]", **settings} if job in ("recode", "ingest") else settings)],
+    spark_jobs = ("recode", "ingest", "train-retriever")
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", job, *_sets({"spark.master": "local[1]", **settings} if job in spark_jobs else settings)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)  # fmt: skip
     assert done.returncode == 0, f"embedded {job} failed ({done.returncode}):\n{done.stderr[-6000:]}"
     print(f"embedded {job}: {time.monotonic() - started:.0f} s")
@@ -197,10 +198,12 @@ def test_recode_through_spark_submit_and_ray_job_submit_publishes_the_embedded_s
     assert list(Path(spark_cluster.work_dir, "work").glob("app-*/*/stderr")), "no executor ran on the Spark worker"
 
 
-def test_train_retriever_through_ray_job_submit_matches_the_embedded_metrics(inputs, ray_cluster, tmp_path):
+def test_train_retriever_through_ray_job_submit_matches_the_embedded_metrics(inputs, ray_cluster, spark_cluster, tmp_path):
+    """Its input validation runs on the Spark cluster (the job's own session), its training on the Ray cluster."""
     settings = {"interactions": inputs["train"], "valid": inputs["valid"], **RETRIEVER}
     run_embedded("train-retriever", {**settings, "storage.root": EMBEDDED})
-    submit(ray_cluster, runtime_environment(tmp_path), [*CLI, "train-retriever", *_sets({**settings, "storage.root": CLUSTER})])
+    cluster_settings = {**settings, "storage.root": CLUSTER, "spark.master": spark_cluster.url, **staging(spark_cluster)}
+    submit(ray_cluster, runtime_environment(tmp_path, SPARK_LOCAL_IP="127.0.0.1"), [*CLI, "train-retriever", *_sets(cluster_settings)])
 
     def history(root: str) -> dict:
         publisher = Publisher(f"{root}/retrievers")
