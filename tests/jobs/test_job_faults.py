@@ -31,7 +31,7 @@ from sa2crq.storage import layout
 from sa2crq.storage.publish import Publisher
 from sa2crq.storage.published import PublishedVersion
 
-from conftest import make_catalog
+from tests.conftest import make_catalog
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow_fault, pytest.mark.usefixtures("s3_endpoint", "spark", "ray_local")]
 

@@ -44,7 +44,7 @@ from sa2crq.storage.publish import Publisher
 from sa2crq.storage.published import ManifestMismatchError, PublishedVersion
 from sa2crq.storage.versions import verify_version
 
-from conftest import make_catalog
+from tests.conftest import make_catalog
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("s3_endpoint", "spark", "ray_local")]
 
