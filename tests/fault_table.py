@@ -34,7 +34,7 @@ SCENARIOS = {
     9: "disk full on the local staging directory",
     10: "recode killed mid-run, rerun resumes",
 }
-JOBS = ("recode", "ingest", "generate", "train-retriever")
+JOBS = ("recode", "ingest", "generate", "train-retriever", "evaluate")
 
 
 @dataclass
