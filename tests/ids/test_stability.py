@@ -335,7 +335,8 @@ def test_placement_keeps_the_invariants(seed, n_prev, n_new, levels, k, max_buck
     ids = rng.permutation(1000)[:n_prev]
     codes = rng.integers(0, k, size=(n_prev, levels))
     pop = rng.integers(0, 20, n_prev) * (rng.random(n_prev) < 0.5)
-    previous = _assign(ids, codes, pop, config)
+    # Codebooks of k codes: the new items may use codes the published ones happen not to.
+    previous = assign_sids(ids, codes, pop, np.zeros(n_prev, dtype=np.int8), (k,) * levels, config)
     new_ids = 1000 + np.arange(n_new)
     new_codes = rng.integers(0, k, size=(n_new, levels))
     if ingest:
