@@ -83,7 +83,7 @@ class PublishedVersion:
     def file_url(self, path: str) -> str:
         """A listed file's URL, in the directory of the version that holds it; any other path (a
         part's directory, for messages) under this version's."""
-        return f"{self._holder(path)}/{path}"
+        return self._held_at(self.url, path)
 
     def references(self, part: str) -> dict[str, dict[str, Any]]:
         """Manifest entries for another version that lists ``part``'s files without copying them
@@ -141,7 +141,7 @@ class PublishedVersion:
             return
         recorded = self._recorded(path)
         fs, inner = self._filesystem()
-        info = fs.get_file_info(self._inner_path(inner, path))
+        info = fs.get_file_info(self._held_at(inner, path))
         if info.type == pafs.FileType.NotFound:
             raise ManifestMismatchError(self.version, path, "missing", f"{recorded['size']:,} bytes", "no such file")
         if info.size != recorded["size"]:
@@ -170,7 +170,7 @@ class PublishedVersion:
         recorded = self._recorded(path)
         fs, inner = self._filesystem()
         try:
-            return fs.open_input_stream(self._inner_path(inner, path))
+            return fs.open_input_stream(self._held_at(inner, path))
         except FileNotFoundError:
             raise ManifestMismatchError(self.version, path, "missing", f"{recorded['size']:,} bytes", "no such file") from None
 
@@ -191,15 +191,11 @@ class PublishedVersion:
             raise ManifestMismatchError(self.version, path, "sha256", f"sha256 {recorded['sha256']}", f"sha256 {digest} (same size)")
         self._checked.add(path)
 
-    def _holder(self, path: str) -> str:
-        """The URL of the directory of the version that holds ``path``."""
+    def _held_at(self, directory: str, path: str) -> str:
+        """``path`` under ``directory`` (this version's directory, as a URL or as a path inside its
+        filesystem), in the directory of the version that holds it (a sibling, or this one)."""
         holder = self.files.get(path, {}).get("version", self.version)
-        return self.url if holder == self.version else f"{self.url[: -len(self.version)]}{holder}"
-
-    def _inner_path(self, inner: str, path: str) -> str:
-        """``path`` inside the filesystem whose path for this version's directory is ``inner``."""
-        holder = self._recorded(path).get("version", self.version)
-        return f"{inner if holder == self.version else inner[: -len(self.version)] + holder}/{path}"
+        return f"{directory[: -len(self.version)]}{holder}/{path}"
 
     def _filesystem(self):
         if self._fs is None:
