@@ -40,7 +40,7 @@ from sa2crq.retrieval.candidates import Candidates, CandidateGenerator, Generati
 from sa2crq.retrieval.data import ItemIndex, Requests, Sequences, embeddings_in_index_order, evaluation_requests, training_requests
 from sa2crq.retrieval.knn import knn_topk
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
-from sa2crq.retrieval.scorer import ItemSIDs, ScorerWeights, request_embeddings, score_items
+from sa2crq.retrieval.scorer import ItemSIDs, ScorerWeights, request_embeddings
 from sa2crq.retrieval.training import RetrieverTrainConfig, train_retriever
 from sa2crq.storage.reports import dumps_report
 from sa2crq.quantize.tokenizer import Tokenizer
@@ -325,12 +325,12 @@ def _train_and_evaluate(
     tune_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    batches = list(generator.features(test_requests))
+    batches = list(generator.features(test_requests, [weights, GENERATION_ONLY]))
     generate_seconds = time.perf_counter() - started
-    invalid = sum(bad for _, bad in batches)
-    produced = sum(int(torch.isfinite(f.sid_log_probs).sum()) for f, _ in batches)
+    invalid = sum(batch.invalid_beams for batch in batches)
+    produced = sum(int(torch.isfinite(batch.features.sid_log_probs).sum()) for batch in batches)
     scored = {
-        name: Candidates.concat([score_items(f, generator.sids, w, k=profile.generation.k) for f, _ in batches], invalid, produced, profile.generation.k)
+        name: Candidates.concat([batch.score(w, profile.generation.k) for batch in batches], invalid, produced, profile.generation.k)
         for name, w in (("hybrid", weights), ("generation_only", GENERATION_ONLY))
     }
     candidates = scored["hybrid"]

@@ -3,12 +3,20 @@
 One object holds everything a retriever needs at serving time (model, item features, trie, the
 item -> SID map, item embeddings) on one device, so the benchmark, the evaluation and the
 ``generate`` job share it. It needs only torch and numpy.
+
+Per batch of B requests, the dense path's admissions come from one streaming pass over the catalog
+in chunks (B x chunk scores, running top-m per request), and the scorer then works on the slice of
+the catalog those admissions and the generated SIDs reach (:meth:`ItemSIDs.reachable`). Neither
+matrix holds more than ``max_batch_scores`` scores, whatever the catalog size; the catalog-sized
+state is the item features, embeddings, trie and item -> SID map the generator holds
+(README "Catalog scale").
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,7 +27,7 @@ from sa2crq.progress import Progress
 from sa2crq.retrieval.beam import beam_search
 from sa2crq.retrieval.data import Requests, user_token
 from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, mixed_precision
-from sa2crq.retrieval.scorer import ItemSIDs, RequestFeatures, ScoredItems, ScorerWeights, request_embeddings, score_items
+from sa2crq.retrieval.scorer import ItemSIDs, RequestFeatures, ScoredItems, ScorerWeights, admits, request_embeddings, score_items
 from sa2crq.retrieval.training import RetrieverTrainConfig
 
 # Coordinate-ascent grid of :meth:`CandidateGenerator.tune`, one axis per scorer parameter.
@@ -47,14 +55,19 @@ class GenerationConfig:
     # Request embedding: mean of the last n history items' text embeddings (1 = the last item).
     request_last_n: int = 1
     batch_size: int = 256
-    # The item scorer holds (batch x catalog) score matrices: batches shrink so that one holds at
-    # most this many scores (2^24: 64 MiB in float32), whatever the catalog size; 16 requests a
-    # batch at 10^6 items, the full batch_size below ~65,000 items.
+    # Scores one batch holds at once (2^24: 64 MiB in float32), in the streaming pass over the
+    # catalog (batch x chunk) and in the scorer's slice (batch x slice): chunks shrink with the
+    # batch, and batches shrink where batch x slice could pass it (CandidateGenerator.batch_size).
     max_batch_scores: int = 2**24
+    # A generated SID expands to at most this many items (in catalog order): only a group of
+    # near-duplicates sharing one full-depth code path comes near it.
+    max_bucket_members: int = 1024
 
     def __post_init__(self) -> None:
-        if min(self.beam_width, self.k, self.batch_size, self.request_last_n, self.max_batch_scores) < 1:
-            raise ValueError("generation beam_width, k, batch_size, request_last_n and max_batch_scores must be >= 1")
+        if min(self.beam_width, self.k, self.batch_size, self.request_last_n, self.max_batch_scores, self.max_bucket_members) < 1:
+            raise ValueError(
+                "generation beam_width, k, batch_size, request_last_n, max_batch_scores and max_bucket_members must be >= 1"
+            )
         self.weights  # validates the scorer fields
 
     @property
@@ -91,6 +104,23 @@ class Candidates:
             invalid_beams=invalid_beams,
             beams=beams,
         )
+
+
+@dataclass(frozen=True, eq=False)
+class ScoringBatch:
+    """A batch of requests over the slice of the catalog its scores can involve
+    (:meth:`ItemSIDs.reachable` for the admission weights it was built for): re-scored under any of
+    those weights."""
+
+    features: RequestFeatures  # item columns are the slice's
+    sids: ItemSIDs  # the slice's item -> SID map
+    rows: torch.Tensor  # (U,) the catalog row of each slice item
+    invalid_beams: int  # constrained beams that are not a valid SID (must be 0)
+
+    def score(self, weights: ScorerWeights, k: int) -> ScoredItems:
+        """The top-``k`` catalog items of every request under ``weights``."""
+        scored = score_items(self.features, self.sids, weights, k=k)
+        return replace(scored, items=torch.where(scored.items >= 0, self.rows[scored.items.clamp_min(0)], -1))
 
 
 class CandidateGenerator:
@@ -133,36 +163,100 @@ class CandidateGenerator:
         memory, mask = self.model.encode(history, users, self.items)
         return request_embeddings(history, self.item_embeddings, self.config.request_last_n), memory, mask
 
-    @property
-    def batch_size(self) -> int:
-        """Requests per batch: the config's, fewer where the catalog is large (``max_batch_scores``)."""
-        return max(1, min(self.config.batch_size, self.config.max_batch_scores // max(1, len(self.item_embeddings))))
+    def batch_size(self, admitted_per_request: int) -> int:
+        """Requests per batch: the config's, fewer where batch x slice could pass ``max_batch_scores``.
+        A slice holds at most the catalog and at most (beam_width + admitted_per_request) items per
+        request (buckets of one item; larger ones are capped by ``max_bucket_members``)."""
+        cap, catalog = self.config.max_batch_scores, len(self.item_embeddings)
+        fits = max(cap // max(1, catalog), math.isqrt(cap // (self.config.beam_width + admitted_per_request)))
+        return max(1, min(self.config.batch_size, fits))
 
-    def _batches(self, requests: Requests) -> Iterator[np.ndarray]:
-        for start in range(0, len(requests), self.batch_size):
-            yield np.arange(start, min(start + self.batch_size, len(requests)))
+    def _admission(self, weights: Sequence[ScorerWeights]) -> tuple[list[tuple[float, float]], int]:
+        """The dense path's rankings that ``weights`` use, as (content, dense) weight pairs scaled to
+        sum 1 (the ranking is the same), and how many items the most admitting of them admits."""
+        dense_head = self.model.config.dense_head
+        pairs: dict[float, tuple[float, float]] = {}
+        for w in weights:
+            if admits(w, dense_head):
+                dense_weight = w.dense_weight if dense_head else 0.0
+                total = w.content_weight + dense_weight
+                pairs.setdefault(round(w.content_weight / total, 12), (w.content_weight / total, dense_weight / total))
+        admitted = max((w.dense_candidates for w in weights if admits(w, dense_head)), default=0)
+        return list(pairs.values()), admitted
 
     @torch.no_grad()
-    def features(self, requests: Requests) -> Iterator[tuple[RequestFeatures, int]]:
-        """Per batch of requests: what the scorer needs (beams, similarities, dense log-probs,
-        exclusions), and how many constrained beams were invalid (must be 0)."""
+    def features(self, requests: Requests, weights: Sequence[ScorerWeights]) -> Iterator[ScoringBatch]:
+        """Per batch of requests: beams, the dense path's admissions under every one of ``weights``,
+        and what the scorer needs over the slice of the catalog they reach."""
+        pairs, admitted_per_pair = self._admission(weights)
+        batch_size = self.batch_size(len(pairs) * admitted_per_pair)
         item_vectors = self.model.item_vectors(self.items) if self.model.config.dense_head else None
         progress = Progress("generation", total=len(requests), unit="request")
-        for rows in self._batches(requests):
+        for start in range(0, len(requests), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(requests)))
             with mixed_precision(self.device):
                 request, memory, mask = self._encode(requests, rows)
                 beams = beam_search(
                     self.model, memory, mask, beam_width=self.config.beam_width, max_length=self.trie.max_length, trie=self.trie
                 )
-                dense = None if item_vectors is None else self.model.dense_logits(memory, mask, item_vectors)
-            live = torch.isfinite(beams.log_probs)
-            if dense is not None:
-                dense = torch.log_softmax(dense.float(), dim=1)
+                dense_request = None if item_vectors is None else self.model.dense_request(memory, mask)
             excluded = torch.as_tensor(requests.excluded_matrix(rows), device=self.device)
-            features = RequestFeatures(beams.sid_index, beams.log_probs, request @ self.item_embeddings.T, dense, excluded)
+            admitted, log_norm = self._dense_pass(request, dense_request, item_vectors, excluded, pairs, admitted_per_pair)
+            reached = self.sids.reachable(beams.sid_index, admitted, self.config.max_bucket_members)
+            sids, sid_of = self.sids.restrict(reached)
+            dense = None
+            if dense_request is not None:
+                with mixed_precision(self.device):
+                    logits = dense_request @ item_vectors[reached].T
+                dense = logits.float() - log_norm[:, None]
+            generated = beams.sid_index >= 0
+            local_sids = torch.where(generated, torch.searchsorted(sid_of, beams.sid_index.clamp_min(0)), -1)
+            features = RequestFeatures(local_sids, beams.log_probs, request @ self.item_embeddings[reached].T, dense,
+                                       _positions(reached, excluded))  # fmt: skip
             progress.update(len(rows))
-            yield features, int((live & (beams.sid_index < 0)).sum())
+            yield ScoringBatch(features, sids, reached, int((torch.isfinite(beams.log_probs) & ~generated).sum()))
         progress.close()
+
+    def _dense_pass(
+        self,
+        request: torch.Tensor,
+        dense_request: torch.Tensor | None,
+        item_vectors: torch.Tensor | None,
+        excluded: torch.Tensor,
+        pairs: list[tuple[float, float]],
+        admitted_per_pair: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass over the catalog in chunks of ``max_batch_scores // B`` items: for every weight
+        pair the top ``admitted_per_pair`` non-history items of each request by content weight x
+        cosine + dense weight x dense logit ((B, pairs x admitted); -1 where fewer), and the dense
+        head's log-normaliser over the catalog (B,) (-inf without a head)."""
+        b, catalog = len(request), len(self.item_embeddings)
+        log_norm = torch.full((b,), -math.inf, device=self.device)
+        best = [(torch.zeros(b, 0, device=self.device), torch.zeros(b, 0, dtype=torch.int64, device=self.device)) for _ in pairs]
+        if not pairs and dense_request is None:
+            return torch.zeros(b, 0, dtype=torch.int64, device=self.device), log_norm
+        chunk = max(1, self.config.max_batch_scores // max(1, b))
+        for start in range(0, catalog, chunk):
+            end = min(catalog, start + chunk)
+            logits = None
+            if dense_request is not None:
+                with mixed_precision(self.device):
+                    logits = (dense_request @ item_vectors[start:end].T).float()
+                log_norm = torch.logaddexp(log_norm, logits.logsumexp(1))
+            if not pairs:
+                continue
+            sim = (request @ self.item_embeddings[start:end].T).float()
+            inside = (excluded >= start) & (excluded < end)
+            slots = torch.where(inside, excluded - start, end - start)  # outside: a spare column, dropped
+            history = torch.zeros(b, end - start + 1, dtype=torch.bool, device=self.device).scatter_(1, slots, True)[:, :-1]
+            index = torch.arange(start, end, device=self.device).expand(b, -1)
+            for j, (content_weight, dense_weight) in enumerate(pairs):
+                score = content_weight * sim if logits is None or dense_weight == 0 else content_weight * sim + dense_weight * logits
+                values = torch.cat([best[j][0], score.masked_fill(history, -math.inf)], 1)
+                top = values.topk(min(admitted_per_pair, values.shape[1]), dim=1)
+                best[j] = (top.values, torch.cat([best[j][1], index], 1).gather(1, top.indices))
+        admitted = [torch.where(torch.isfinite(values), items, -1) for values, items in best]
+        return torch.cat(admitted, 1) if admitted else torch.zeros(b, 0, dtype=torch.int64, device=self.device), log_norm
 
     @torch.no_grad()
     def generate(self, requests: Requests, weights: ScorerWeights | None = None) -> Candidates:
@@ -170,10 +264,10 @@ class CandidateGenerator:
         weights = weights or self.config.weights
         parts: list[ScoredItems] = []
         invalid, produced = 0, 0
-        for features, bad in self.features(requests):
-            invalid += bad
-            produced += int(torch.isfinite(features.sid_log_probs).sum())
-            parts.append(score_items(features, self.sids, weights, k=self.config.k))
+        for batch in self.features(requests, [weights]):
+            invalid += batch.invalid_beams
+            produced += int(torch.isfinite(batch.features.sid_log_probs).sum())
+            parts.append(batch.score(weights, self.config.k))
         return Candidates.concat(parts, invalid, produced, self.config.k)
 
     @torch.no_grad()
@@ -181,14 +275,21 @@ class CandidateGenerator:
         """Scorer weights that maximise Recall@K on ``requests`` (validation only), by coordinate
         ascent over ``grid`` from the config's weights; beams are searched once. Returns the best
         weights and every point tried with its recall."""
-        batches = [features for features, _ in self.features(requests)]
+        best = self.config.weights
+        # Every dense ranking coordinate ascent could reach, admitting as many items as any point.
+        admitting = max([best.dense_candidates, *grid.get("dense_candidates", ())])
+        reachable = [
+            replace(best, content_weight=float(c), dense_weight=float(d), dense_candidates=int(admitting))
+            for c in {best.content_weight, *grid.get("content_weight", ())}
+            for d in {best.dense_weight, *grid.get("dense_weight", ())}
+        ]  # fmt: skip
+        batches = list(self.features(requests, reachable))
         targets = torch.as_tensor(requests.target, device=self.device)
 
         def recall(weights: ScorerWeights) -> float:
-            items = torch.cat([score_items(f, self.sids, weights, k=self.config.k).items for f in batches])
+            items = torch.cat([batch.score(weights, self.config.k).items for batch in batches])
             return float((items == targets[:, None]).any(1).float().mean())
 
-        best = self.config.weights
         tried: dict[ScorerWeights, float] = {best: recall(best)}
         for _ in range(rounds):
             for name, values in grid.items():
@@ -203,7 +304,8 @@ class CandidateGenerator:
     def hallucination_rate(self, requests: Requests) -> float:
         """Share of unconstrained beam outputs (finished beams) that are not a valid SID."""
         invalid, total = 0, 0
-        for rows in self._batches(requests):
+        for start in range(0, len(requests), self.config.batch_size):
+            rows = np.arange(start, min(start + self.config.batch_size, len(requests)))
             with mixed_precision(self.device):
                 _, memory, mask = self._encode(requests, rows)
                 beams = beam_search(
@@ -214,6 +316,14 @@ class CandidateGenerator:
             invalid += int((produced & (beams.sid_index < 0)).sum())
             total += int(produced.sum())
         return invalid / total if total else 0.0
+
+
+def _positions(rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Where each of ``items`` (any shape, -1 = none) sits in the sorted ``rows``; -1 where absent."""
+    if len(rows) == 0:
+        return torch.full_like(items, -1)
+    at = torch.searchsorted(rows, items.clamp_min(0)).clamp_max(len(rows) - 1)
+    return torch.where((items >= 0) & (rows[at] == items), at, -1)
 
 
 def validation_recall(generator: CandidateGenerator, requests: Requests) -> float:

@@ -23,10 +23,11 @@ For one request and a catalog item ``i`` with SID ``s(i)``::
   SID's log-probability, and at most ``ceil(cold_cap * k)`` cold items may enter a top-K.
 
 The weights and the temperature are tuned on the validation split only
-(:meth:`sa2crq.retrieval.candidates.CandidateGenerator.tune`). Everything is vectorised over a
-batch of requests and the whole catalog: (B, N) scores per batch. That bounds the catalog one
-generation batch can score (B x N floats); a catalog far beyond ~10^7 items needs an approximate
-dense path, which is not built.
+(:meth:`sa2crq.retrieval.candidates.CandidateGenerator.tune`). :func:`score_items` is vectorised
+over a batch of requests and a slice of the catalog: the items :meth:`ItemSIDs.reachable` finds
+from the batch's generated SIDs and dense-path admissions (each of which the generator finds in one
+streaming pass over the catalog), so a batch holds (B x slice) scores, not (B x catalog). With
+neither dense term weighted the dense path admits nothing (:func:`admits`).
 """
 
 from __future__ import annotations
@@ -41,16 +42,22 @@ import torch
 @dataclass(frozen=True, eq=False)
 class ItemSIDs:
     """Item -> SID map for the scorer: ``item_sid`` (N,) the trie SID index of every item (dense
-    index order), ``bucket_size`` (N,) the items sharing it; for TIGER's cold rule, the code-prefix
-    key of every item and SID (None without the rule) and which items are cold."""
+    index order), ``bucket_size`` (N,) the catalog's items sharing it, and each SID's members
+    (``members``, items ordered by SID, ``member_start`` (num_sids + 1,) offsets into it); for
+    TIGER's cold rule, the code-prefix key of every item and SID (None without the rule), which
+    items are cold, and the cold items of each prefix (``cold_members``, ``cold_start``)."""
 
     item_sid: torch.Tensor
     bucket_size: torch.Tensor
     num_sids: int
+    members: torch.Tensor
+    member_start: torch.Tensor
     item_prefix: torch.Tensor | None = None
     sid_prefix: torch.Tensor | None = None
     item_is_cold: torch.Tensor | None = None
     cold_cap: float | None = None
+    cold_members: torch.Tensor | None = None
+    cold_start: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -64,27 +71,82 @@ class ItemSIDs:
     ) -> "ItemSIDs":
         """``item_sid[i]`` is item i's SID (``SIDTrie.row_sid``). ``codes`` (N, L) full-depth codes,
         ``prefix_levels``, ``item_is_cold`` and ``cold_cap`` switch on TIGER's cold rule."""
-        item_sid = np.asarray(item_sid, dtype=np.int64)
+        item_sid = torch.as_tensor(np.asarray(item_sid, dtype=np.int64))
         num_sids = int(item_sid.max()) + 1 if len(item_sid) else 0
-        bucket_size = np.bincount(item_sid, minlength=num_sids)[item_sid]
+        counts = torch.bincount(item_sid, minlength=num_sids)
+        members, member_start = _group_rows(item_sid, num_sids)
         if codes is None:
-            return cls(torch.from_numpy(item_sid), torch.from_numpy(bucket_size), num_sids)
+            return cls(item_sid, counts[item_sid], num_sids, members, member_start)
         if item_is_cold is None or cold_cap is None or prefix_levels < 1:
             raise ValueError("TIGER's cold rule needs codes, prefix_levels >= 1, item_is_cold and cold_cap")
-        item_prefix = np.unique(codes[:, :prefix_levels], axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
-        sid_prefix = np.zeros(num_sids, dtype=np.int64)
+        item_prefix = torch.as_tensor(np.unique(codes[:, :prefix_levels], axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64))
+        sid_prefix = torch.zeros(num_sids, dtype=torch.int64)
         sid_prefix[item_sid] = item_prefix
+        is_cold = torch.as_tensor(item_is_cold, dtype=torch.bool)
+        cold_rows = torch.nonzero(is_cold).reshape(-1)
+        cold_order, cold_start = _group_rows(item_prefix[cold_rows], int(item_prefix.max()) + 1)
         return cls(
-            torch.from_numpy(item_sid), torch.from_numpy(bucket_size), num_sids,
-            torch.from_numpy(item_prefix), torch.from_numpy(sid_prefix), torch.as_tensor(item_is_cold, dtype=torch.bool), cold_cap,
+            item_sid, counts[item_sid], num_sids, members, member_start,
+            item_prefix, sid_prefix, is_cold, cold_cap, cold_rows[cold_order], cold_start,
         )  # fmt: skip
 
     def to(self, device: torch.device | str) -> "ItemSIDs":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return ItemSIDs(
-            move(self.item_sid), move(self.bucket_size), self.num_sids, move(self.item_prefix), move(self.sid_prefix),
-            move(self.item_is_cold), self.cold_cap,
+            move(self.item_sid), move(self.bucket_size), self.num_sids, move(self.members), move(self.member_start),
+            move(self.item_prefix), move(self.sid_prefix), move(self.item_is_cold), self.cold_cap,
+            move(self.cold_members), move(self.cold_start),
         )  # fmt: skip
+
+    def reachable(self, generated: torch.Tensor, admitted: torch.Tensor, max_members: int) -> torch.Tensor:
+        """The sorted catalog rows a batch's scores can involve: the members of every ``generated``
+        SID (``-1``: none), the ``admitted`` items (``-1``: none), the cold items sharing a code
+        prefix with a generated SID (TIGER's rule), and every member of each such item's SID (its
+        in-bucket softmax runs over them). A SID expands to at most ``max_members`` members, in
+        catalog order; no bucket is that large unless many items share one full-depth code path."""
+        sids = generated[generated >= 0].unique()
+        seeds = [admitted[admitted >= 0]]
+        if self.item_prefix is not None:
+            prefixes = self.sid_prefix[sids].unique()
+            seeds.append(self.cold_members[_ranges(self.cold_start[prefixes], self.cold_start[prefixes + 1], max_members)])
+        seeds = torch.cat(seeds)
+        sids = torch.cat([sids, self.item_sid[seeds]]).unique()
+        expanded = self.members[_ranges(self.member_start[sids], self.member_start[sids + 1], max_members)]
+        return torch.cat([seeds, expanded]).unique()
+
+    def restrict(self, rows: torch.Tensor) -> tuple["ItemSIDs", torch.Tensor]:
+        """The map of the catalog items at sorted ``rows`` alone, SIDs and prefixes renumbered from 0,
+        and the catalog SID of each new SID number. ``bucket_size`` stays the catalog's."""
+        sid_of, item_sid = self.item_sid[rows].unique(return_inverse=True)
+        members, member_start = _group_rows(item_sid, len(sid_of))
+        if self.item_prefix is None:
+            return ItemSIDs(item_sid, self.bucket_size[rows], len(sid_of), members, member_start), sid_of
+        prefix_of, item_prefix = self.item_prefix[rows].unique(return_inverse=True)
+        sid_prefix = torch.zeros(len(sid_of), dtype=torch.int64, device=rows.device).index_copy_(0, item_sid, item_prefix)
+        is_cold = self.item_is_cold[rows]
+        cold_rows = torch.nonzero(is_cold).reshape(-1)
+        cold_order, cold_start = _group_rows(item_prefix[cold_rows], len(prefix_of))
+        restricted = ItemSIDs(
+            item_sid, self.bucket_size[rows], len(sid_of), members, member_start,
+            item_prefix, sid_prefix, is_cold, self.cold_cap, cold_rows[cold_order], cold_start,
+        )  # fmt: skip
+        return restricted, sid_of
+
+
+def _group_rows(group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows ordered by ``group``, stable; (num_groups + 1,) offsets of each group's run)."""
+    order = torch.sort(group, stable=True).indices
+    start = torch.zeros(num_groups + 1, dtype=torch.int64, device=group.device)
+    start[1:] = torch.bincount(group, minlength=num_groups).cumsum(0)
+    return order, start
+
+
+def _ranges(starts: torch.Tensor, ends: torch.Tensor, cap: int) -> torch.Tensor:
+    """The positions ``starts[j] .. min(ends[j], starts[j] + cap) - 1`` of every j, concatenated."""
+    counts = (ends - starts).clamp(max=cap)
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    return starts[owner] + torch.arange(len(owner), device=counts.device) - first[owner]
 
 
 @dataclass(frozen=True)
@@ -131,6 +193,12 @@ def request_embeddings(history: torch.Tensor, item_embeddings: torch.Tensor, las
     return torch.nn.functional.normalize(summed, dim=1)
 
 
+def admits(weights: ScorerWeights, dense_head: bool) -> bool:
+    """Whether the dense path ranks anything: with neither term weighted every item ties at 0 and it
+    admits nothing (any choice among equals would be arbitrary)."""
+    return weights.dense_candidates > 0 and (weights.content_weight > 0 or (dense_head and weights.dense_weight > 0))
+
+
 def _scatter_max(values: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     """(B, size): the max of ``values`` (B, M) per ``index`` (B, M) bucket, -inf where none."""
     out = torch.full((values.shape[0], size), -math.inf, dtype=values.dtype, device=values.device)
@@ -171,7 +239,7 @@ def score_items(features: RequestFeatures, sids: ItemSIDs, weights: ScorerWeight
     if features.dense_log_probs is not None and weights.dense_weight > 0:
         dense = dense + weights.dense_weight * features.dense_log_probs.float()
     admitted = torch.zeros_like(history)
-    if weights.dense_candidates > 0:
+    if admits(weights, features.dense_log_probs is not None):
         top = dense.masked_fill(history, -math.inf).topk(min(weights.dense_candidates, n), dim=1).indices
         admitted[rows.expand_as(top), top] = True
         admitted &= ~history

@@ -4,6 +4,7 @@ and whole-history exclusion from requests through the candidate generator."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,8 @@ from sa2crq.ids.trie import EOS, PAD, SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
 from sa2crq.retrieval.data import ItemIndex, Requests, Sequences, evaluation_requests
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
-from sa2crq.retrieval.scorer import ItemSIDs, RequestFeatures, ScorerWeights, request_embeddings, score_items
+from sa2crq.retrieval.beam import beam_search
+from sa2crq.retrieval.scorer import ItemSIDs, RequestFeatures, ScorerWeights, admits, request_embeddings, score_items
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,6 +182,42 @@ def test_dense_path_admits_an_item_no_generated_sid_reaches():
     assert 4 not in excluded.items[0].tolist() and not excluded.from_dense.any()
 
 
+def test_a_dense_path_weighting_neither_term_admits_nothing():
+    request = unit([1, 0])
+    unweighted = ScorerWeights(temperature=0.5, dense_weight=0.0, content_weight=0.0, dense_candidates=3)
+    out = score_items(features([[1]], [[-0.3]], request, [[-1]]), SIDS, unweighted, k=5)
+    assert sorted(scores_of(out)) == [1, 2, 3] and not out.from_dense.any()
+    dense = torch.log_softmax(torch.tensor([[0.0, 0.0, 0.0, 0.0, 6.0]]), dim=1)
+    assert not admits(unweighted, dense_head=True) and not admits(replace(unweighted, dense_weight=1.0), dense_head=False)
+    assert admits(replace(unweighted, dense_weight=1.0), dense_head=True)
+    assert 4 in score_items(features([[1]], [[-0.3]], request, [[-1]], dense=dense), SIDS, replace(unweighted, dense_weight=1.0), k=5).items
+
+
+def test_reachable_items_are_the_generated_buckets_and_the_admitted_items_with_their_buckets():
+    # SIDs: 0 -> {0}, 1 -> {1, 2, 3}, 2 -> {4}, 3 -> {5, 6}.
+    sids = ItemSIDs.build(np.array([0, 1, 1, 1, 2, 3, 3]))
+    assert sids.members.tolist() == [0, 1, 2, 3, 4, 5, 6] and sids.member_start.tolist() == [0, 1, 4, 5, 7]
+    reached = sids.reachable(torch.tensor([[1, -1], [1, 0]]), torch.tensor([[6, -1]]), max_members=10)
+    assert reached.tolist() == [0, 1, 2, 3, 5, 6]  # SID 1 twice, item 6 admitted brings its bucket mate 5
+    # A bucket expands to its first max_members members; an admitted item beyond them is still in.
+    assert sids.reachable(torch.tensor([[1]]), torch.tensor([[3]]), max_members=1).tolist() == [1, 3]
+    assert sids.reachable(torch.tensor([[-1]]), torch.zeros(1, 0, dtype=torch.int64), max_members=1).tolist() == []
+    # The slice's own map: SIDs renumbered in catalog order, the catalog's bucket sizes kept.
+    restricted, sid_of = sids.restrict(reached)
+    assert sid_of.tolist() == [0, 1, 3] and restricted.item_sid.tolist() == [0, 1, 1, 1, 2, 2]
+    assert restricted.bucket_size.tolist() == [1, 3, 3, 3, 2, 2] and restricted.num_sids == 3
+
+
+def test_reachable_items_include_cold_items_sharing_a_generated_prefix():
+    codes = np.array([[1, 1, 0], [1, 1, 1], [2, 2, 0], [1, 1, 5], [1, 1, 7], [2, 2, 9]])
+    is_cold = np.array([False, False, False, True, True, True])
+    sids = ItemSIDs.build(np.arange(6), codes=codes, prefix_levels=2, item_is_cold=is_cold, cold_cap=1.0)
+    assert sids.reachable(torch.tensor([[0]]), torch.zeros(1, 0, dtype=torch.int64), max_members=10).tolist() == [0, 3, 4]
+    restricted, _ = sids.restrict(torch.tensor([0, 3, 4]))
+    assert restricted.item_prefix.tolist() == [0, 0, 0] and restricted.item_is_cold.tolist() == [False, True, True]
+    assert restricted.cold_members.tolist() == [1, 2] and restricted.cold_start.tolist() == [0, 2]
+
+
 def test_dense_admission_takes_the_best_dense_items_cold_ones_by_content_alone():
     # No beams at all (an empty search): only the dense path fills the list, best dense first.
     request = unit([1, 0])
@@ -221,8 +259,8 @@ def test_history_outside_the_encoder_window_is_never_in_the_top_k():
     emb = torch.nn.functional.normalize(torch.randn(N, 4, generator=torch.Generator().manual_seed(0)), dim=1)
     beams = [[1, 2, 0, 3, 6], [1, 2, 0, 3, 6]]
     log_probs = [[-0.1, -0.2, -0.3, -0.4, -0.5]] * 2
-    # Ranked by beam alone; every non-history item is also admitted by the dense path.
-    weights = ScorerWeights(temperature=0.5, dense_weight=0.0, content_weight=0.0, dense_candidates=N)
+    # Ranked by beam (a content term too small to reorder); every non-history item is also admitted by the dense path.
+    weights = ScorerWeights(temperature=0.5, dense_weight=0.0, content_weight=1e-3, dense_candidates=N)
 
     def top(excluded: np.ndarray) -> list[list[int]]:
         scored = score_items(RequestFeatures(torch.tensor(beams), torch.tensor(log_probs), emb[[0, 1]] @ emb.T, None,
@@ -260,10 +298,58 @@ def test_batches_shrink_with_the_catalog_and_the_candidates_do_not_change():
     full = _tiny_generator(GenerationConfig(beam_width=N, k=N, batch_size=2))
     # At most N scores per batch: one request of N items at a time.
     bounded = _tiny_generator(GenerationConfig(beam_width=N, k=N, batch_size=2, max_batch_scores=N))
-    assert (full.batch_size, bounded.batch_size) == (2, 1)
+    assert (full.batch_size(50), bounded.batch_size(50)) == (2, 1)
     a, b = full.generate(requests), bounded.generate(requests)
     np.testing.assert_array_equal(a.items, b.items)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+
+
+def _whole_catalog_candidates(generator: CandidateGenerator, requests: Requests, weights: ScorerWeights):
+    """The scorer over every catalog item at once (one batch), the reference the generator's
+    streaming pass and slices must reproduce."""
+    rows = np.arange(len(requests))
+    with torch.no_grad():
+        request, memory, mask = generator._encode(requests, rows)
+        beams = beam_search(generator.model, memory, mask, beam_width=generator.config.beam_width,
+                            max_length=generator.trie.max_length, trie=generator.trie)  # fmt: skip
+        dense = torch.log_softmax(generator.model.dense_logits(memory, mask, generator.model.item_vectors(generator.items)), 1)
+        whole = RequestFeatures(beams.sid_index, beams.log_probs, request @ generator.item_embeddings.T, dense,
+                                torch.as_tensor(requests.excluded_matrix(rows)))  # fmt: skip
+        return score_items(whole, generator.sids, weights, k=generator.config.k)
+
+
+@pytest.mark.parametrize("tiger_rule", [False, True], ids=["buckets", "tiger-cold-rule"])
+@pytest.mark.parametrize("max_batch_scores", [2**24, 40], ids=["one-chunk", "chunks-of-40"])
+def test_generation_over_catalog_slices_equals_the_scorer_over_the_whole_catalog(tiger_rule, max_batch_scores):
+    """60 items in 15 SIDs of 4 (the SID table of a truncated code path), a random retriever with a
+    dense head: the streaming pass and the per-batch slices give the whole-catalog scorer's top-K."""
+    n, vocab, buckets = 60, 10, 4
+    ids = np.arange(n)
+    tokens = np.stack([2 + ids % 5, 7 + (ids // 5) % 3, np.full(n, EOS)], 1)
+    trie = SIDTrie.build(tokens, (tokens != PAD).sum(1), vocab)
+    codes = np.stack([ids % 5, (ids // 5) % 3, ids], 1)
+    sids = (ItemSIDs.build(trie.row_sid, codes=codes, prefix_levels=1, item_is_cold=ids % 7 == 0, cold_cap=0.3)
+            if tiger_rule else ItemSIDs.build(trie.row_sid))  # fmt: skip
+    torch.manual_seed(0)
+    model = GenerativeRetriever(RetrieverConfig(vocab_size=vocab, encoder_vocab_size=vocab + buckets, dense_head=True, d_model=16,
+                                                num_heads=2, head_dim=8, d_ff=32, encoder_layers=1, decoder_layers=1, dropout=0.0))
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(n, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    config = GenerationConfig(beam_width=3, k=12, batch_size=5, max_batch_scores=max_batch_scores)
+    generator = CandidateGenerator(model, tokens, trie, sids, emb, config, user_offset=vocab, user_buckets=buckets)
+    history = np.sort(rng.integers(-1, n, size=(9, 4)), axis=1)  # -1 padding on the left
+    requests = Requests(np.arange(9), history, np.zeros(9, dtype=np.int64))
+    for weights in (config.weights, ScorerWeights(0.1, 0.0, 5.0, 7), ScorerWeights(0.2, 2.0, 0.0, 3), ScorerWeights(0.05, 0.5, 0.0, 0)):
+        reference = _whole_catalog_candidates(generator, requests, weights)
+        candidates = generator.generate(requests, weights)
+        np.testing.assert_array_equal(candidates.items, reference.items.numpy())
+        np.testing.assert_allclose(candidates.scores, reference.scores.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(candidates.from_bucket, reference.from_bucket.numpy())
+        np.testing.assert_array_equal(candidates.from_dense, reference.from_dense.numpy())
+    if max_batch_scores == 40:
+        # 60 items pass 40 scores a request, but a slice of 2 requests holds at most 2 x (3 + 7) items.
+        assert generator.batch_size(7) == 2
 
 
 def test_generate_excludes_the_whole_history_end_to_end():
