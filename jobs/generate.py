@@ -40,6 +40,7 @@ RUN_FILE = "_RUN.json"
 
 
 def run_generate(config: GenerateConfig) -> JobSummary:
+    from ray_workers.hashing import file_hashes
     from ray_workers.shards import input_fingerprint, map_shards
     from ray_workers.stages import generate_stage
 
@@ -93,7 +94,8 @@ def run_generate(config: GenerateConfig) -> JobSummary:
         if requests_in != candidate_rows:
             raise RuntimeError(f"generate: {requests_in} requests in but {candidate_rows} candidate rows out")
         meta = {"job": "generate", **run, "requests_in": requests_in, "candidate_rows": candidate_rows, "shards": result.shards_total}
-        candidates.publish(version, parent=None, meta=meta)  # the manifest, then the commit: readers see all parts or none
+        # The manifest (the parts hashed on the Ray workers), then the commit: readers see all parts or none.
+        candidates.publish(version, parent=None, meta=meta, hash_files=file_hashes)
         summary.published = True
         summary.add("candidates", candidates.version_url(version), candidate_rows)
         summary.notes.append(

@@ -136,10 +136,12 @@ def _ingest(config: IngestConfig, spark, staging: SparkStaging, publisher: Publi
     report |= {"pinned": stats["pinned"], "placed": stats["placed"], "delta_rows": int(delta_counts["rows"]),
                "delta_from_buckets": int(delta_counts["from_buckets"])}  # fmt: skip
     write_json(f"{url}/{layout.REPORT}", report)
+    from ray_workers.hashing import file_hashes
+
     # A delta: the parent's embeddings are listed in the new manifest, not copied (O(batch), not O(catalog)).
     publisher.publish(version, parent=parent, meta={"job": "ingest", "items": rows, "vocab": parent_meta["vocab"],
                                                     "sid_config": parent_meta["sid_config"]},
-                      references=parent_files.references(layout.EMBEDDINGS))  # fmt: skip
+                      references=parent_files.references(layout.EMBEDDINGS), hash_files=file_hashes)  # fmt: skip
     summary.published = True
     summary.report = report
     summary.add("sid table", f"{url}/{layout.SID_TABLE}", rows)

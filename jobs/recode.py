@@ -240,8 +240,11 @@ def _recode(config: RecodeConfig, spark, staging: SparkStaging, publisher: Publi
             "rerun with --force to publish these files anyway."
         )
     attempt.remove_records()
+    from ray_workers.hashing import file_hashes
+
     publisher.publish(version, parent=parent, meta={"job": "recode", "items": trie.n_rows, "churn": churn["churn"],
-                                                    "vocab": vocab.to_dict(), "sid_config": config_dict(config.tokenizer.sid)})  # fmt: skip
+                                                    "vocab": vocab.to_dict(), "sid_config": config_dict(config.tokenizer.sid)},
+                      hash_files=file_hashes)  # fmt: skip
     summary.published = True
 
 

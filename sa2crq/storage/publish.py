@@ -41,6 +41,7 @@ import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any
 
 from sa2crq.storage.filesystem import fsspec_filesystem
@@ -149,21 +150,34 @@ class Publisher:
         return version
 
     def publish(
-        self, version: str, *, parent: str | None, meta: dict[str, Any] | None = None, references: dict[str, dict[str, Any]] | None = None
+        self,
+        version: str,
+        *,
+        parent: str | None,
+        meta: dict[str, Any] | None = None,
+        references: dict[str, dict[str, Any]] | None = None,
+        hash_files: Callable[[list[str]], list[str]] | None = None,
     ) -> Manifest:
         """Write the manifest of ``version`` (built on ``parent``), then commit it if ``parent`` is
         still the latest version; otherwise raise :class:`ConcurrentPublishError` having committed
         nothing, so the caller can discard the attempt and rebuild on the newer version.
 
         ``references``: files of published versions the new one lists without holding them
-        (:meth:`PublishedVersion.references`), each entry naming the ``version`` that holds it."""
+        (:meth:`PublishedVersion.references`), each entry naming the ``version`` that holds it.
+        ``hash_files``: the hex sha256 of each of a list of file URLs, in order; by default this
+        process reads every file (jobs pass ``ray_workers.hashing.file_hashes``, which reads them on
+        the cluster's workers)."""
         base = self.version_path(version)
-        files = {}
-        for path in sorted(self.fs.find(base)):
-            relative = path[len(base) + 1 :]
-            if relative == MANIFEST:
-                continue
-            files[relative] = {"size": self.fs.size(path), "sha256": file_sha256(self.fs, path)}
+        listing = self.fs.find(base, detail=True)  # sizes from the listing: no request per file
+        found = sorted(path for path in listing if path[len(base) + 1 :] != MANIFEST)
+        relatives = [path[len(base) + 1 :] for path in found]
+        if hash_files is None:
+            digests = [file_sha256(self.fs, path) for path in found]
+        else:
+            digests = hash_files([f"{self.version_url(version)}/{relative}" for relative in relatives])
+            if len(digests) != len(found):
+                raise RuntimeError(f"hash_files returned {len(digests)} hashes for {len(found)} files of version {version}")
+        files = {relative: {"size": int(listing[path]["size"]), "sha256": digest} for relative, path, digest in zip(relatives, found, digests)}
         published = set(self.versions()) if references else set()
         for relative, entry in sorted((references or {}).items()):
             if relative in files:
