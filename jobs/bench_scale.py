@@ -48,8 +48,7 @@ TOKENIZER = {
 RETRIEVER = {"d_model": 32, "num_heads": 2, "head_dim": 16, "d_ff": 64, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0}
 RETRIEVER_TRAIN = {"epochs": 1, "max_steps": 20, "batch_size": 256, "warmup_steps": 5, "max_history": 8, "user_buckets": 100,
                    "eval_every_steps": 20, "patience": 1, "select_users": 200, "tune_users": 200}  # fmt: skip
-# Small generation batches: the item scorer holds (batch x catalog) score matrices.
-GENERATION = {"beam_width": 10, "k": 10, "batch_size": 16}
+GENERATION = {"beam_width": 10, "k": 10, "batch_size": 256}
 ENGINES = {
     "spark": {"master": "local[2]", "shuffle_partitions": 8},
     "ray": {"num_cpus": 2, "train_workers": 2, "cpus_per_train_worker": 0.5, "actors": 2, "cpus_per_actor": 0.5},

@@ -193,16 +193,19 @@ class Losses(NamedTuple):
     targets: int
 
 
-def batch_losses(model: GenerativeRetriever, batch: Batch, items: ItemFeatures, negatives: torch.Tensor | None = None) -> Losses:
+def batch_losses(
+    model: GenerativeRetriever, batch: Batch, items: ItemFeatures, negatives: torch.Tensor | None = None, *, dense_loss: bool = True
+) -> Losses:
     """The batch's summed losses. ``negatives`` (M,) dense item indices the dense head contrasts
-    each target with; None: the whole catalog."""
+    each target with; None: the whole catalog. ``dense_loss`` False leaves the dense head out (its
+    loss 0): the SID loss alone costs nothing per catalog item."""
     with mixed_precision(batch.target.device):
         memory, mask, slots = model.encode_with_slots(batch.history, batch.users, items, batch.query)
         # Each target sees its request's memory up to (and including) its slot.
         visible = mask[batch.target_request] & (slots[batch.target_request] <= batch.target_slot[:, None])
         logits = model.decode(memory, visible, batch.decoder_input, batch.target_request)
         dense = None
-        if model.config.dense_head:
+        if model.config.dense_head and dense_loss:
             request = model.dense_request(memory, visible, batch.target_request)
             if negatives is None:
                 dense, label = request @ model.item_vectors(items).T, batch.target_index
@@ -353,13 +356,14 @@ def train_retriever(
 
 @torch.no_grad()
 def validation_loss(model: GenerativeRetriever, valid: Requests, items: ItemFeatures, config: RetrieverTrainConfig, *, user_offset: int) -> float:
-    """Mean SID token cross-entropy on the validation targets, pooled over ranks."""
+    """Mean SID token cross-entropy on the validation targets, pooled over ranks (the dense head's
+    loss against the whole catalog would cost (targets x catalog) and is not reported)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
     step = config.batch_size * 4
     for start in range(0, len(valid), step):
         rows = np.arange(start, min(start + step, len(valid)))
-        losses = batch_losses(model, make_batch(valid, rows, items.tokens, user_offset, config.user_buckets), items)
+        losses = batch_losses(model, make_batch(valid, rows, items.tokens, user_offset, config.user_buckets), items, dense_loss=False)
         total += torch.tensor([float(losses.sid), losses.tokens], dtype=torch.float64)
     distributed.all_reduce_sum_(total)
     return float(total[0] / total[1]) if total[1] > 0 else math.inf

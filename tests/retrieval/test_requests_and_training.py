@@ -311,6 +311,9 @@ def test_batch_losses_add_the_dense_catalog_cross_entropy():
     sampled = (request @ model.item_vectors(items, negatives).T).masked_fill(negatives[None, :] == batch.target_index[:, None], float("-inf"))
     scores = torch.cat([(request * model.item_vectors(items, batch.target_index)).sum(-1, keepdim=True), sampled], 1)
     torch.testing.assert_close(batch_losses(model, batch, items, negatives).dense, F.cross_entropy(scores, torch.zeros(8, dtype=torch.long), reduction="sum"))
+    # Left out on request (validation): the same SID loss, no dense loss.
+    sid_only = batch_losses(model, batch, items, dense_loss=False)
+    assert sid_only.dense == 0 and torch.equal(sid_only.sid, sid_loss)
     # Without a dense head the dense loss is zero.
     torch.manual_seed(0)
     plain = GenerativeRetriever(RetrieverConfig(**TINY)).eval()
