@@ -39,9 +39,9 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from collections.abc import Callable
 from typing import Any
 
 from sa2crq.storage.filesystem import fsspec_filesystem
