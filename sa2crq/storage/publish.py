@@ -156,7 +156,7 @@ class Publisher:
         parent: str | None,
         meta: dict[str, Any] | None = None,
         references: dict[str, dict[str, Any]] | None = None,
-        hash_files: Callable[[list[str]], list[str]] | None = None,
+        hash_files: Callable[[list[str], list[int]], list[str]] | None = None,
     ) -> Manifest:
         """Write the manifest of ``version`` (built on ``parent``), then commit it if ``parent`` is
         still the latest version; otherwise raise :class:`ConcurrentPublishError` having committed
@@ -164,9 +164,9 @@ class Publisher:
 
         ``references``: files of published versions the new one lists without holding them
         (:meth:`PublishedVersion.references`), each entry naming the ``version`` that holds it.
-        ``hash_files``: the hex sha256 of each of a list of file URLs, in order; by default this
-        process reads every file (jobs pass ``ray_workers.hashing.file_hashes``, which reads them on
-        the cluster's workers)."""
+        ``hash_files(urls, sizes)``: the hex sha256 of each file, in order; by default this process
+        reads every file (jobs pass ``ray_workers.hashing.file_hashes``, which reads a large version
+        on the cluster's workers)."""
         base = self.version_path(version)
         listing = self.fs.find(base, detail=True)  # sizes from the listing: no request per file
         found = sorted(path for path in listing if path[len(base) + 1 :] != MANIFEST)
@@ -174,7 +174,8 @@ class Publisher:
         if hash_files is None:
             digests = [file_sha256(self.fs, path) for path in found]
         else:
-            digests = hash_files([f"{self.version_url(version)}/{relative}" for relative in relatives])
+            digests = hash_files([f"{self.version_url(version)}/{relative}" for relative in relatives],
+                                 [int(listing[path]["size"]) for path in found])  # fmt: skip
             if len(digests) != len(found):
                 raise RuntimeError(f"hash_files returned {len(digests)} hashes for {len(found)} files of version {version}")
         files = {relative: {"size": int(listing[path]["size"]), "sha256": digest} for relative, path, digest in zip(relatives, found, digests)}

@@ -8,6 +8,8 @@ import uuid
 import fsspec
 import pytest
 
+from functools import partial
+
 from ray_workers.hashing import file_hashes
 from sa2crq.storage.publish import Publisher
 
@@ -34,15 +36,17 @@ def _write(publisher: Publisher) -> str:
     return version
 
 
-def test_file_hashes_are_each_files_sha256_in_order(publisher, ray_local):
+@pytest.mark.parametrize("local_bytes", [0, 1 << 30], ids=["on-ray-tasks", "in-process"])
+def test_file_hashes_are_each_files_sha256_in_order(publisher, ray_local, local_bytes):
     version = _write(publisher)
     urls = [f"{publisher.version_url(version)}/{name}" for name in reversed(FILES)]
-    assert file_hashes(urls) == [hashlib.sha256(data).hexdigest() for data in reversed(FILES.values())]
-    assert file_hashes([]) == []
+    sizes = [len(data) for data in reversed(FILES.values())]
+    assert file_hashes(urls, sizes, local_bytes=local_bytes) == [hashlib.sha256(data).hexdigest() for data in reversed(FILES.values())]
+    assert file_hashes([], [], local_bytes=local_bytes) == []
 
 
 def test_a_manifest_hashed_on_the_workers_equals_the_one_the_publisher_reads_itself(publisher, ray_local):
-    on_workers = publisher.publish(_write(publisher), parent=None, hash_files=file_hashes)
+    on_workers = publisher.publish(_write(publisher), parent=None, hash_files=partial(file_hashes, local_bytes=0))
     in_process = publisher.publish(_write(publisher), parent=on_workers.version)
     assert on_workers.files == in_process.files
     assert on_workers.files["a/part-0.parquet"] == {"size": len(FILES["a/part-0.parquet"]),
@@ -52,5 +56,5 @@ def test_a_manifest_hashed_on_the_workers_equals_the_one_the_publisher_reads_its
 def test_a_hasher_that_loses_a_file_publishes_nothing(publisher):
     version = _write(publisher)
     with pytest.raises(RuntimeError, match="3 hashes for 4 files"):
-        publisher.publish(version, parent=None, hash_files=lambda urls: ["0" * 64] * (len(urls) - 1))
+        publisher.publish(version, parent=None, hash_files=lambda urls, sizes: ["0" * 64] * (len(urls) - 1))
     assert publisher.versions() == []
