@@ -94,7 +94,7 @@ def run_generate(config: GenerateConfig) -> JobSummary:
         if requests_in != candidate_rows:
             raise RuntimeError(f"generate: {requests_in} requests in but {candidate_rows} candidate rows out")
         meta = {"job": "generate", **run, "requests_in": requests_in, "candidate_rows": candidate_rows, "shards": result.shards_total}
-        # The manifest (the parts hashed on the Ray workers), then the commit: readers see all parts or none.
+        # The manifest (parts past 64 MiB in all hashed on Ray workers), then the commit: readers see all parts or none.
         candidates.publish(version, parent=None, meta=meta, hash_files=file_hashes)
         summary.published = True
         summary.add("candidates", candidates.version_url(version), candidate_rows)
