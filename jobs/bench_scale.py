@@ -8,8 +8,9 @@ last item held out as the validation target), 1% new items for an ingest, and hi
 
 Jobs, each a fresh ``sa2crq`` process so that each peak is its own: ``recode`` (tokenizer trained),
 ``recode --reuse-tokenizer`` (the nightly steady state), ``ingest`` of the new items,
-``train-retriever`` (a small retriever on a step budget: this measures the pipeline, not quality)
-and ``generate``. Every job runs with the embedded engines (local Spark, local Ray) on local
+``train-retriever`` (a small retriever on a step budget: this measures the pipeline, not quality),
+``generate``, and ``generate`` again with the catalog's vectors in two shard actors
+(``ray.catalog_shards``). Every job runs with the embedded engines (local Spark, local Ray) on local
 storage, sized for a 2-core machine.
 
 Memory: the peak resident set (``VmHWM``) of the job's own process (the driver) and of its largest
@@ -215,7 +216,7 @@ def _last_error(output: str) -> str:
 
 
 # The chain of jobs, each building on the ones before it (a key names where ``through`` stops).
-CHAIN = ("recode", "reuse", "ingest", "train-retriever", "generate")
+CHAIN = ("recode", "reuse", "ingest", "train-retriever", "generate", "generate-sharded")
 
 
 def run_scale_benchmark(n_items: int, work: Path, *, seed: int = 0, requests: int = 10_000, through: str = CHAIN[-1]) -> dict[str, Any]:
@@ -237,6 +238,9 @@ def run_scale_benchmark(n_items: int, work: Path, *, seed: int = 0, requests: in
         ("ingest (1% new items)", "ingest", {"items": paths["new_items"], "embedding_cache": None, "spark": spark, **common}, ()),
         ("train-retriever", "train-retriever", train, ()),
         (f"generate ({data['rows']['requests']:,} requests)", "generate", generate, ()),
+        # The same requests with the catalog's vectors in 2 shard actors instead of every generation actor.
+        (f"generate ({data['rows']['requests']:,} requests, 2 catalog shards)", "generate",
+         {**generate, "out": str(work / "candidates-sharded"), "ray": {**ENGINES["ray"], "catalog_shards": 2}}, ()),
     ]
     jobs: list[dict[str, Any]] = []
     for name, job, config, extra in steps[: CHAIN.index(through) + 1]:

@@ -97,6 +97,11 @@ class RayConfig:
     actors: int = 2
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.0
+    # generate: actors holding the catalog's vectors (embeddings and dense-head item vectors), a row
+    # range each, so no generation actor holds them (ray_workers/catalog_shards.py); 0: every
+    # generation actor holds them all (a catalog whose vectors fit one actor's memory many times).
+    catalog_shards: int = 0
+    cpus_per_catalog_shard: float = 0.5
 
     @property
     def actor_pool(self) -> dict[str, Any]:
@@ -111,7 +116,9 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         _require(self.train_workers >= 1 and self.actors >= 1, "ray.train_workers and ray.actors must be >= 1")
-        _require(self.cpus_per_train_worker > 0 and self.cpus_per_actor > 0, "ray CPU shares must be positive")
+        _require(self.cpus_per_train_worker > 0 and self.cpus_per_actor > 0 and self.cpus_per_catalog_shard > 0,
+                 "ray CPU shares must be positive")  # fmt: skip
+        _require(self.catalog_shards >= 0, "ray.catalog_shards must be >= 0")
         _require(self.gpus_per_actor >= 0, "ray.gpus_per_actor must be >= 0")
         _require(self.train_max_failures >= 0, "ray.train_max_failures must be >= 0")
 

@@ -1,7 +1,8 @@
 """``sa2crq generate``: offline candidate generation with a published retriever (Ray Data).
 
 requests (parquet; each row group one shard) -> constrained beam search + the item scorer, in an
-actor pool -> ``OUT/versions/<v>/parts/<shard>.parquet`` (``request_id``, ``item_ids``, ``scores``,
+actor pool (with ``ray.catalog_shards``, the catalog's vectors held by that many more actors, a row
+range each: :mod:`ray_workers.catalog_shards`) -> ``OUT/versions/<v>/parts/<shard>.parquet`` (``request_id``, ``item_ids``, ``scores``,
 the SID and retriever versions used), committed as version ``v`` of the store ``OUT``
 (:class:`sa2crq.storage.publish.Publisher`: manifest, then commit), so a reader sees the whole
 candidate set or none of it. ``OUT/_RUN.json`` pins the run: the requests' content fingerprint
@@ -40,6 +41,7 @@ RUN_FILE = "_RUN.json"
 
 
 def run_generate(config: GenerateConfig) -> JobSummary:
+    from ray_workers.catalog_shards import start_catalog_shards
     from ray_workers.hashing import file_hashes
     from ray_workers.shards import input_fingerprint, map_shards
     from ray_workers.stages import generate_stage
@@ -78,16 +80,26 @@ def run_generate(config: GenerateConfig) -> JobSummary:
             summary.report = {**run, "version": version, "already_committed": True}
             return summary
         parts = f"{candidates.version_url(version)}/{PARTS}"
+        retriever_files = PublishedVersion.open(retrievers, retriever_version)
         started = time.perf_counter()
-        result = map_shards(
-            config.requests, parts, generate_stage,
-            {
-                "sids": sid_files, "retriever": PublishedVersion.open(retrievers, retriever_version),
-                "generation": config.generation.to_dict(),
-                "request_kind": config.request_kind, "cache_dir": config.embedding_cache,
-            },
-            desc="generate", **config.ray.actor_pool,
-        )  # fmt: skip
+        shards = None
+        if config.ray.catalog_shards:
+            shards = start_catalog_shards(
+                sid_files, retriever_files, config.ray.catalog_shards, items=int(sid_files.meta["items"]),
+                max_batch_scores=config.generation.max_batch_scores, cpus_per_shard=config.ray.cpus_per_catalog_shard,
+            )  # fmt: skip
+        try:
+            result = map_shards(
+                config.requests, parts, generate_stage,
+                {
+                    "sids": sid_files, "retriever": retriever_files, "generation": config.generation.to_dict(),
+                    "request_kind": config.request_kind, "cache_dir": config.embedding_cache, "catalog_shards": shards,
+                },
+                desc="generate", **config.ray.actor_pool,
+            )  # fmt: skip
+        finally:
+            if shards is not None:
+                shards.stop()
         seconds = time.perf_counter() - started
         # Over every part, this run's and an earlier attempt's: the version holds them all.
         requests_in, candidate_rows = parquet_rows(config.requests), parquet_rows(parts)

@@ -10,6 +10,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
+import torch
+
+from ray_workers.catalog_shards import CatalogShards, RayCatalogVectors
 
 from sa2crq.data.embed import TextEmbedder
 from sa2crq.data.columns import list_matrix
@@ -69,11 +72,15 @@ def generate_stage(
     generation: dict,
     request_kind: str,
     cache_dir: str | None,
+    catalog_shards: CatalogShards | None = None,
 ) -> Callable[[pa.Table], pa.Table]:
     """Requests -> candidates: ``request_id``, ``item_ids``, ``scores`` (best first), the versions used,
     and for history requests how many history items the SID version did not know. Each actor reads
-    both published versions itself, checking their files against the manifests."""
-    server = load_server(sids, retriever, GenerationConfig(**generation))
+    both published versions itself, checking their files against the manifests; with
+    ``catalog_shards`` it reads no embedding and reaches the catalog's vectors there."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vectors = None if catalog_shards is None else RayCatalogVectors(catalog_shards, device)
+    server = load_server(sids, retriever, GenerationConfig(**generation), device=device, vectors=vectors)
     sid_version, retriever_version = sids.version, retriever.version
     embedder = TextEmbedder(cache_dir) if request_kind == "query" else None
 

@@ -1,15 +1,14 @@
 """Candidate generation: requests -> constrained beam search -> hybrid item scorer -> top-K items.
 
-One object holds everything a retriever needs at serving time (model, item features, trie, the
-item -> SID map, item embeddings) on one device, so the benchmark, the evaluation and the
-``generate`` job share it. It needs only torch and numpy.
+One object holds what a retriever needs at serving time (model, item tokens, trie, the item -> SID
+map, and the catalog's vectors: in its process or in catalog shards held elsewhere), so the
+benchmark, the evaluation and the ``generate`` job share it. It needs only torch and numpy.
 
-Per batch of B requests, the dense path's admissions come from one streaming pass over the catalog
-in chunks (B x chunk scores, running top-m per request), and the scorer then works on the slice of
-the catalog those admissions and the generated SIDs reach (:meth:`ItemSIDs.reachable`). Neither
-matrix holds more than ``max_batch_scores`` scores, whatever the catalog size; the catalog-sized
-state is the item features, embeddings, trie and item -> SID map the generator holds
-(README "Catalog scale").
+Per batch of B requests, the dense path's admissions come from one streaming pass over the catalog's
+vectors in chunks (B x chunk scores, running top-m per request; :mod:`sa2crq.retrieval.catalog_vectors`),
+and the scorer then works on the slice of the catalog those admissions and the generated SIDs reach
+(:meth:`ItemSIDs.reachable`), with the vectors of those items only. Neither matrix holds more than
+``max_batch_scores`` scores, whatever the catalog size (README "Catalog scale").
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from sa2crq import distributed
 from sa2crq.ids.trie import SIDTrie
 from sa2crq.progress import Progress
 from sa2crq.retrieval.beam import beam_search
+from sa2crq.retrieval.catalog_vectors import CatalogShard, CatalogVectors
 from sa2crq.retrieval.data import Requests, user_token
 from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, mixed_precision
 from sa2crq.retrieval.scorer import ItemSIDs, RequestFeatures, ScoredItems, ScorerWeights, admits, request_embeddings, score_items
@@ -130,7 +130,7 @@ class CandidateGenerator:
         sid_tokens: np.ndarray,
         trie: SIDTrie,
         sids: ItemSIDs,
-        item_embeddings: np.ndarray,
+        item_embeddings: np.ndarray | CatalogVectors,
         config: GenerationConfig,
         *,
         user_offset: int,
@@ -138,36 +138,57 @@ class CandidateGenerator:
         device: torch.device | str = "cpu",
         path_tokens: np.ndarray | None = None,
     ) -> None:
-        """``path_tokens``: every item's full code path (:class:`ItemFeatures`); None when every SID is one."""
+        """``item_embeddings``: every item's embedding (N, D), held here, the dense head's item
+        vectors taken from the model as it is at each :meth:`features` call (a model in training);
+        or :class:`CatalogVectors` built for this model, possibly held by other processes.
+        ``path_tokens``: every item's full code path (:class:`ItemFeatures`); None when every SID is one."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.item_embeddings = torch.as_tensor(item_embeddings, device=self.device)
-        content = self.item_embeddings if model.config.item_content_dim else None
+        held = not isinstance(item_embeddings, CatalogVectors)
+        content = torch.as_tensor(item_embeddings, device=self.device) if held else None
         path = None if path_tokens is None else torch.as_tensor(path_tokens, device=self.device)
-        self.items = ItemFeatures(torch.as_tensor(sid_tokens, device=self.device), content, path)
+        self.items = ItemFeatures(torch.as_tensor(sid_tokens, device=self.device), content, path).to(self.device)
+        self._vectors = None if held else item_embeddings
         self.trie = trie.to(self.device)
         self.sids = sids.to(self.device)
         self.config = config
         self.user_offset = user_offset
         self.user_buckets = user_buckets
 
+    @property
+    def embedding_dim(self) -> int:
+        """D of the catalog's content embeddings (a query must be embedded in the same space)."""
+        return self.items.content.shape[1] if self._vectors is None else self._vectors.dim
+
+    def vectors(self) -> CatalogVectors:
+        """The catalog's vectors for the model as it is now."""
+        if self._vectors is not None:
+            return self._vectors
+        return CatalogVectors.local(CatalogShard.for_model(self.model, 0, self.items, self.config.max_batch_scores))
+
     @torch.no_grad()
-    def _encode(self, requests: Requests, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _encode(self, requests: Requests, rows: np.ndarray, vectors: CatalogVectors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(request embedding for content similarity, memory, memory mask) for some requests."""
         if requests.query is not None:
             query = torch.as_tensor(requests.query[rows], device=self.device)
             memory, mask = self.model.encode(query=query)
-            return torch.nn.functional.normalize(query.to(self.item_embeddings.dtype), dim=1), memory, mask
+            return torch.nn.functional.normalize(query.float(), dim=1), memory, mask
         history = torch.as_tensor(requests.history[rows], device=self.device)
         users = torch.as_tensor(user_token(requests.user_ids[rows], self.user_buckets, self.user_offset), device=self.device)
-        memory, mask = self.model.encode(history, users, self.items)
-        return request_embeddings(history, self.item_embeddings, self.config.request_last_n), memory, mask
+        # The encoder reads the history items only: their features, gathered, with the history renumbered.
+        held, local = torch.unique(history[history >= 0], return_inverse=True)
+        local_history = torch.full_like(history, -1).masked_scatter_(history >= 0, local)
+        embeddings, _ = vectors.gather(held)
+        items = ItemFeatures(self.items.tokens[held], embeddings if self.model.config.item_content_dim else None,
+                             None if self.items.path_tokens is None else self.items.path_tokens[held])  # fmt: skip
+        memory, mask = self.model.encode(local_history, users, items)
+        return request_embeddings(local_history, embeddings, self.config.request_last_n), memory, mask
 
     def batch_size(self, admitted_per_request: int) -> int:
         """Requests per batch: the config's, fewer where batch x slice could pass ``max_batch_scores``.
         A slice holds at most the catalog and at most (beam_width + admitted_per_request) items per
         request (buckets of one item; larger ones are capped by ``max_bucket_members``)."""
-        cap, catalog = self.config.max_batch_scores, len(self.item_embeddings)
+        cap, catalog = self.config.max_batch_scores, len(self.items)
         fits = max(cap // max(1, catalog), math.isqrt(cap // (self.config.beam_width + admitted_per_request)))
         return max(1, min(self.config.batch_size, fits))
 
@@ -190,73 +211,34 @@ class CandidateGenerator:
         and what the scorer needs over the slice of the catalog they reach."""
         pairs, admitted_per_pair = self._admission(weights)
         batch_size = self.batch_size(len(pairs) * admitted_per_pair)
-        item_vectors = self.model.item_vectors(self.items) if self.model.config.dense_head else None
+        vectors = self.vectors()
+        # The dense head's log-probabilities (and their normaliser, a pass over the catalog) only where a weight uses them.
+        dense_term = self.model.config.dense_head and any(w.dense_weight > 0 for w in weights)
         progress = Progress("generation", total=len(requests), unit="request")
         for start in range(0, len(requests), batch_size):
             rows = np.arange(start, min(start + batch_size, len(requests)))
             with mixed_precision(self.device):
-                request, memory, mask = self._encode(requests, rows)
+                request, memory, mask = self._encode(requests, rows, vectors)
                 beams = beam_search(
                     self.model, memory, mask, beam_width=self.config.beam_width, max_length=self.trie.max_length, trie=self.trie
                 )
-                dense_request = None if item_vectors is None else self.model.dense_request(memory, mask)
+                dense_request = self.model.dense_request(memory, mask) if dense_term else None
             excluded = torch.as_tensor(requests.excluded_matrix(rows), device=self.device)
-            admitted, log_norm = self._dense_pass(request, dense_request, item_vectors, excluded, pairs, admitted_per_pair)
-            reached = self.sids.reachable(beams.sid_index, admitted, self.config.max_bucket_members)
+            passed = vectors.dense_pass(request, dense_request, excluded, pairs, admitted_per_pair)
+            reached = self.sids.reachable(beams.sid_index, passed.admitted, self.config.max_bucket_members)
             sids, sid_of = self.sids.restrict(reached)
+            embeddings, item_vectors = vectors.gather(reached)
             dense = None
             if dense_request is not None:
                 with mixed_precision(self.device):
-                    logits = dense_request @ item_vectors[reached].T
-                dense = logits.float() - log_norm[:, None]
+                    logits = dense_request @ item_vectors.T
+                dense = logits.float() - passed.log_norm[:, None]
             generated = beams.sid_index >= 0
             local_sids = torch.where(generated, torch.searchsorted(sid_of, beams.sid_index.clamp_min(0)), -1)
-            features = RequestFeatures(local_sids, beams.log_probs, request @ self.item_embeddings[reached].T, dense,
-                                       _positions(reached, excluded))  # fmt: skip
+            features = RequestFeatures(local_sids, beams.log_probs, request @ embeddings.T, dense, _positions(reached, excluded))
             progress.update(len(rows))
             yield ScoringBatch(features, sids, reached, int((torch.isfinite(beams.log_probs) & ~generated).sum()))
         progress.close()
-
-    def _dense_pass(
-        self,
-        request: torch.Tensor,
-        dense_request: torch.Tensor | None,
-        item_vectors: torch.Tensor | None,
-        excluded: torch.Tensor,
-        pairs: list[tuple[float, float]],
-        admitted_per_pair: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass over the catalog in chunks of ``max_batch_scores // B`` items: for every weight
-        pair the top ``admitted_per_pair`` non-history items of each request by content weight x
-        cosine + dense weight x dense logit ((B, pairs x admitted); -1 where fewer), and the dense
-        head's log-normaliser over the catalog (B,) (-inf without a head)."""
-        b, catalog = len(request), len(self.item_embeddings)
-        log_norm = torch.full((b,), -math.inf, device=self.device)
-        best = [(torch.zeros(b, 0, device=self.device), torch.zeros(b, 0, dtype=torch.int64, device=self.device)) for _ in pairs]
-        if not pairs and dense_request is None:
-            return torch.zeros(b, 0, dtype=torch.int64, device=self.device), log_norm
-        chunk = max(1, self.config.max_batch_scores // max(1, b))
-        for start in range(0, catalog, chunk):
-            end = min(catalog, start + chunk)
-            logits = None
-            if dense_request is not None:
-                with mixed_precision(self.device):
-                    logits = (dense_request @ item_vectors[start:end].T).float()
-                log_norm = torch.logaddexp(log_norm, logits.logsumexp(1))
-            if not pairs:
-                continue
-            sim = (request @ self.item_embeddings[start:end].T).float()
-            inside = (excluded >= start) & (excluded < end)
-            slots = torch.where(inside, excluded - start, end - start)  # outside: a spare column, dropped
-            history = torch.zeros(b, end - start + 1, dtype=torch.bool, device=self.device).scatter_(1, slots, True)[:, :-1]
-            index = torch.arange(start, end, device=self.device).expand(b, -1)
-            for j, (content_weight, dense_weight) in enumerate(pairs):
-                score = content_weight * sim if logits is None or dense_weight == 0 else content_weight * sim + dense_weight * logits
-                values = torch.cat([best[j][0], score.masked_fill(history, -math.inf)], 1)
-                top = values.topk(min(admitted_per_pair, values.shape[1]), dim=1)
-                best[j] = (top.values, torch.cat([best[j][1], index], 1).gather(1, top.indices))
-        admitted = [torch.where(torch.isfinite(values), items, -1) for values, items in best]
-        return torch.cat(admitted, 1) if admitted else torch.zeros(b, 0, dtype=torch.int64, device=self.device), log_norm
 
     @torch.no_grad()
     def generate(self, requests: Requests, weights: ScorerWeights | None = None) -> Candidates:
@@ -304,10 +286,11 @@ class CandidateGenerator:
     def hallucination_rate(self, requests: Requests) -> float:
         """Share of unconstrained beam outputs (finished beams) that are not a valid SID."""
         invalid, total = 0, 0
+        vectors = self.vectors()
         for start in range(0, len(requests), self.config.batch_size):
             rows = np.arange(start, min(start + self.config.batch_size, len(requests)))
             with mixed_precision(self.device):
-                _, memory, mask = self._encode(requests, rows)
+                _, memory, mask = self._encode(requests, rows, vectors)
                 beams = beam_search(
                     self.model, memory, mask, beam_width=self.config.beam_width, max_length=self.trie.max_length,
                     trie=None, validity_trie=self.trie,

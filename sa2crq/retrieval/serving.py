@@ -19,14 +19,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from sa2crq.data.columns import list_matrix
 from sa2crq.data.segments import segment_codes
 from sa2crq.data.validation import InputError, check_item_id_types, invalid_utf8_rows
 from sa2crq.ids.sid_table import SIDVocabulary
 from sa2crq.ids.trie import META_FILE as TRIE_META_FILE
 from sa2crq.ids.trie import NODES_DIR, ROWS_DIR, SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
+from sa2crq.retrieval.catalog_vectors import CatalogShard, CatalogVectors
 from sa2crq.retrieval.checkpoint import load_published_retriever
-from sa2crq.retrieval.data import ItemIndex, Requests, embeddings_in_index_order, path_token_matrix, sid_token_matrix
+from sa2crq.retrieval.data import ItemIndex, Requests, path_token_matrix, sid_token_matrix
+from sa2crq.retrieval.model import ItemFeatures
 from sa2crq.retrieval.scorer import ItemSIDs, ScorerWeights
 from sa2crq.storage import layout
 from sa2crq.storage.published import PublishedVersion
@@ -37,32 +40,75 @@ class VersionMismatchError(ValueError):
 
 
 @dataclass(frozen=True, eq=False)
-class CatalogView:
-    """The items of one SID version in serving order (sorted by item id)."""
+class CatalogItems:
+    """The items of one SID version in serving order (sorted by item id): what every process that
+    addresses items by row reads (the trie-sized part of the catalog; the embeddings are apart)."""
 
     index: ItemIndex
     sid_tokens: np.ndarray  # (N, T)
     path_tokens: np.ndarray  # (N, L + 2) every item's full code path
     segments: np.ndarray  # (N,) int8 segment codes
-    embeddings: np.ndarray  # (N, D) float32, L2-normalised
-    trie: SIDTrie
     item_id_type: pa.DataType  # the SID table's: a request history names items by this type family
 
 
-def load_catalog_view(sids: PublishedVersion) -> CatalogView:
+@dataclass(frozen=True, eq=False)
+class CatalogView:
+    """A SID version's items and trie: what a generator holds itself."""
+
+    items: CatalogItems
+    trie: SIDTrie
+
+    @property
+    def index(self) -> ItemIndex:
+        return self.items.index
+
+
+def load_catalog_items(sids: PublishedVersion) -> CatalogItems:
     """A published SID version's items in serving order, every file checked against its manifest."""
     # Rows sorted by item id: the one row order every serving artifact uses.
     table = sids.read_parquet(layout.SID_TABLE, columns=["item_id", "sid", "codes", "digit", "segment"]).sort_by("item_id")
-    index = ItemIndex(table.column("item_id").to_numpy(zero_copy_only=False))
-    embeddings = embeddings_in_index_order(sids.read_parquet(layout.EMBEDDINGS, columns=["item_id", "embedding"]), index)
+    return CatalogItems(
+        ItemIndex(table.column("item_id").to_numpy(zero_copy_only=False)), sid_token_matrix(table.column("sid")),
+        path_token_matrix(table, SIDVocabulary.from_dict(sids.meta["vocab"])), segment_codes(table.column("segment")),
+        table.schema.field("item_id").type,
+    )  # fmt: skip
+
+
+def load_catalog_view(sids: PublishedVersion) -> CatalogView:
+    """A published SID version's items and trie, every file checked against its manifest."""
     trie = SIDTrie.from_stored(
         sids.read_json(f"{layout.TRIE}/{TRIE_META_FILE}"), sids.read_parquet(f"{layout.TRIE}/{NODES_DIR}"),
         sids.read_parquet(f"{layout.TRIE}/{ROWS_DIR}"), where=sids.file_url(layout.TRIE),
     )  # fmt: skip
-    return CatalogView(
-        index, sid_token_matrix(table.column("sid")), path_token_matrix(table, SIDVocabulary.from_dict(sids.meta["vocab"])),
-        segment_codes(table.column("segment")), embeddings, trie, table.schema.field("item_id").type,
-    )  # fmt: skip
+    return CatalogView(load_catalog_items(sids), trie)
+
+
+def read_embeddings(sids: PublishedVersion, index: ItemIndex, start: int, stop: int) -> np.ndarray:
+    """(stop - start, D) float32: the embeddings of serving rows ``[start, stop)``, read one listed
+    file at a time, so the version's embeddings are never in memory whole."""
+    out, filled = None, 0
+    for part in sids.iter_parquet(layout.EMBEDDINGS, columns=["item_id", "embedding"]):
+        rows = index.lookup(part.column("item_id").to_numpy(zero_copy_only=False))
+        keep = (rows >= start) & (rows < stop)
+        vectors = list_matrix(part.column("embedding").filter(pa.array(keep)))
+        if out is None:
+            out = np.empty((stop - start, vectors.shape[1]), dtype=np.float32)
+        out[rows[keep] - start] = vectors
+        filled += int(keep.sum())
+    if out is None or filled != stop - start:
+        raise ValueError(f"SID version {sids.version}: {filled} embeddings for its {stop - start} items in rows [{start}, {stop})")
+    return out
+
+
+def load_catalog_shard(sids: PublishedVersion, retriever: PublishedVersion, start: int, stop: int, max_batch_scores: int,
+                       *, device: str | None = None) -> CatalogShard:  # fmt: skip
+    """Serving rows ``[start, stop)`` of ``sids`` as a :class:`CatalogShard` of ``retriever``'s vectors."""
+    model = _checked_retriever(sids, retriever).model
+    items = load_catalog_items(sids)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    features = ItemFeatures(torch.as_tensor(items.sid_tokens[start:stop]), torch.as_tensor(read_embeddings(sids, items.index, start, stop)),
+                            torch.as_tensor(items.path_tokens[start:stop])).to(device)  # fmt: skip
+    return CatalogShard.for_model(model.to(device).eval(), start, features, max_batch_scores)
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,7 +127,7 @@ class Server:
         the top-K. History items the SID version does not know are left out; how many, per
         request, is returned so the job reports it.
         """
-        check_requests_schema(table.schema, "history", self.catalog.item_id_type)
+        check_requests_schema(table.schema, "history", self.catalog.items.item_id_type)
         _require_values(table, ["request_id", "history"])
         history = table.column("history").combine_chunks()
         lengths = pc.list_value_length(history).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -103,14 +149,14 @@ class Server:
 
     def query_requests(self, table: pa.Table, embed) -> Requests:
         """Requests from rows of ``request_id`` and ``query`` (text), embedded by ``embed(texts)``."""
-        check_requests_schema(table.schema, "query", self.catalog.item_id_type)
+        check_requests_schema(table.schema, "query", self.catalog.items.item_id_type)
         _require_values(table, ["request_id", "query"])
         if self.generator.model.config.query_dim == 0:
             raise ValueError("this retriever was trained on histories only: it has no query input")
         request_ids = table.column("request_id").to_numpy(zero_copy_only=False)
         n = len(request_ids)
         queries = np.asarray(embed(table.column("query").to_pylist()), dtype=np.float32)
-        item_dim = self.catalog.embeddings.shape[1]
+        item_dim = self.generator.embedding_dim
         if queries.shape[1] != item_dim:
             # The item scorer compares the query with item embeddings: they must share one space.
             raise ValueError(
@@ -171,14 +217,22 @@ def _require_values(table: pa.Table, columns: list[str]) -> None:
                          f"e.g. rows {broken[:10].tolist()}")  # fmt: skip
 
 
-def load_server(sids: PublishedVersion, retriever: PublishedVersion, generation: GenerationConfig, *, device: str | None = None) -> Server:
-    """The published retriever version ``retriever`` serving the published SID version ``sids``."""
+def _checked_retriever(sids: PublishedVersion, retriever: PublishedVersion):
     checkpoint = load_published_retriever(retriever)
     if checkpoint.sid_version != sids.version:
         raise VersionMismatchError(
             f"retriever version {retriever.version} was trained on SID version {checkpoint.sid_version}, "
             f"not {sids.version}: retrain it on {sids.version} or serve SID version {checkpoint.sid_version}"
         )
+    return checkpoint
+
+
+def load_server(sids: PublishedVersion, retriever: PublishedVersion, generation: GenerationConfig, *,
+                device: str | None = None, vectors: CatalogVectors | None = None) -> Server:  # fmt: skip
+    """The published retriever version ``retriever`` serving the published SID version ``sids``.
+    ``vectors``: the catalog's vectors for this retriever held elsewhere
+    (:func:`load_catalog_shard`); None: this process reads every item's embedding."""
+    checkpoint = _checked_retriever(sids, retriever)
     catalog = load_catalog_view(sids)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     train = checkpoint.meta["train_config"]
@@ -186,16 +240,17 @@ def load_server(sids: PublishedVersion, retriever: PublishedVersion, generation:
     if generation.tuned_scorer and "scorer" in checkpoint.meta:
         # The weights train-retriever tuned on its validation split (DESIGN §3.4).
         generation = generation.with_weights(ScorerWeights(**checkpoint.meta["scorer"]))
+    embeddings = read_embeddings(sids, catalog.index, 0, len(catalog.index)) if vectors is None else vectors
     generator = CandidateGenerator(
         checkpoint.model,
-        catalog.sid_tokens,
+        catalog.items.sid_tokens,
         catalog.trie,
         ItemSIDs.build(catalog.trie.row_sid),
-        catalog.embeddings,
+        embeddings,
         generation,
         user_offset=vocab_size,
         user_buckets=int(train["user_buckets"]),
         device=device,
-        path_tokens=catalog.path_tokens,
+        path_tokens=catalog.items.path_tokens,
     )
     return Server(catalog, generator, int(train["max_history"]), sids.version)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -113,11 +114,14 @@ class PublishedVersion:
     def read_parquet(self, part: str, columns: list[str] | None = None) -> pa.Table:
         """The listed parquet files of ``part`` as one table, in file-name order (as a dataset of the
         directory reads them), schema metadata dropped (it describes the writer's index)."""
+        return pa.concat_tables(list(self.iter_parquet(part, columns)), promote_options="permissive")
+
+    def iter_parquet(self, part: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """:meth:`read_parquet` one file at a time, for a reader that keeps only some rows of each."""
         import pyarrow.parquet as pq
 
-        tables = [pq.read_table(pa.BufferReader(self.read_bytes(path)), columns=columns).replace_schema_metadata(None)
-                  for path in self.parquet_files(part)]  # fmt: skip
-        return pa.concat_tables(tables, promote_options="permissive")
+        for path in self.parquet_files(part):
+            yield pq.read_table(pa.BufferReader(self.read_bytes(path)), columns=columns).replace_schema_metadata(None)
 
     def parquet_schema(self, part: str) -> pa.Schema:
         """The schema of ``part``'s first listed parquet file (a dataset of the directory takes the first file's)."""

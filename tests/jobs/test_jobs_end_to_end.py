@@ -151,6 +151,7 @@ def test_recode_publishes_a_version_whose_spark_sids_equal_the_library(data):
 
 
 @pytest.mark.fault_scenario(10)
+@pytest.mark.slow_fault  # 78 s: `make faults` runs it (CI too)
 def test_a_recode_killed_mid_run_leaves_the_previous_version_and_its_rerun_resumes(data, tmp_path, caplog):
     """Fault scenario 10. The killed recode reuses the latest version's tokenizer on that version's
     inputs, so an undisturbed run publishes exactly its SID table (the stability rule keeps every
@@ -239,8 +240,12 @@ def test_train_generate_resume_and_evaluate(data, tmp_path):
     fs.rm(f"{base}/LATEST")
     fs.rm(sorted(fs.ls(f"{base}/versions/{first.version}/{PARTS}"))[1])
     assert Publisher(out).versions() == [] and Publisher(out).latest() is None
-    # ...and its rerun reuses the finished parts, redoes the lost one and commits the same candidates.
-    resumed = run_generate(generate)
+    # ...and its rerun reuses the finished parts, redoes the lost one and commits the same candidates,
+    # this time with the catalog's vectors held by two shard actors instead of each generation actor.
+    resumed = run_generate(load_job_config("generate", None, _assign({
+        "requests": data["requests"], "out": out, "generation": {"beam_width": 5, "k": 10},
+        "ray.catalog_shards": 2, "ray.cpus_per_catalog_shard": 0.25,
+    })))  # fmt: skip
     assert resumed.published and resumed.version == first.version
     assert (resumed.report["shards_done"], resumed.report["shards_skipped"]) == (1, 2)
     assert _candidates(out).sort_by("request_id").equals(candidates.sort_by("request_id"))

@@ -3,6 +3,7 @@ and whole-history exclusion from requests through the candidate generator."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 
@@ -13,8 +14,9 @@ import torch
 
 from sa2crq.ids.trie import EOS, PAD, SIDTrie
 from sa2crq.retrieval.candidates import CandidateGenerator, GenerationConfig
+from sa2crq.retrieval.catalog_vectors import CatalogShard, CatalogVectors
 from sa2crq.retrieval.data import ItemIndex, Requests, Sequences, evaluation_requests
-from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
+from sa2crq.retrieval.model import GenerativeRetriever, ItemFeatures, RetrieverConfig
 from sa2crq.retrieval.beam import beam_search
 from sa2crq.retrieval.scorer import ItemSIDs, RequestFeatures, ScorerWeights, admits, request_embeddings, score_items
 
@@ -309,20 +311,22 @@ def _whole_catalog_candidates(generator: CandidateGenerator, requests: Requests,
     streaming pass and slices must reproduce."""
     rows = np.arange(len(requests))
     with torch.no_grad():
-        request, memory, mask = generator._encode(requests, rows)
+        request, memory, mask = generator._encode(requests, rows, generator.vectors())
         beams = beam_search(generator.model, memory, mask, beam_width=generator.config.beam_width,
                             max_length=generator.trie.max_length, trie=generator.trie)  # fmt: skip
         dense = torch.log_softmax(generator.model.dense_logits(memory, mask, generator.model.item_vectors(generator.items)), 1)
-        whole = RequestFeatures(beams.sid_index, beams.log_probs, request @ generator.item_embeddings.T, dense,
+        whole = RequestFeatures(beams.sid_index, beams.log_probs, request @ generator.items.content.T, dense,
                                 torch.as_tensor(requests.excluded_matrix(rows)))  # fmt: skip
         return score_items(whole, generator.sids, weights, k=generator.config.k)
 
 
 @pytest.mark.parametrize("tiger_rule", [False, True], ids=["buckets", "tiger-cold-rule"])
 @pytest.mark.parametrize("max_batch_scores", [2**24, 40], ids=["one-chunk", "chunks-of-40"])
-def test_generation_over_catalog_slices_equals_the_scorer_over_the_whole_catalog(tiger_rule, max_batch_scores):
+@pytest.mark.parametrize("shard_bounds", [None, [0, 7, 7, 33, 60]], ids=["vectors-held", "vectors-in-4-shards"])
+def test_generation_over_catalog_slices_equals_the_scorer_over_the_whole_catalog(tiger_rule, max_batch_scores, shard_bounds):
     """60 items in 15 SIDs of 4 (the SID table of a truncated code path), a random retriever with a
-    dense head: the streaming pass and the per-batch slices give the whole-catalog scorer's top-K."""
+    dense head: the streaming pass and the per-batch slices give the whole-catalog scorer's top-K,
+    with the catalog's vectors held by the generator or in row-range shards (one of them empty)."""
     n, vocab, buckets = 60, 10, 4
     ids = np.arange(n)
     tokens = np.stack([2 + ids % 5, 7 + (ids // 5) % 3, np.full(n, EOS)], 1)
@@ -337,11 +341,18 @@ def test_generation_over_catalog_slices_equals_the_scorer_over_the_whole_catalog
     emb = rng.normal(size=(n, 8)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     config = GenerationConfig(beam_width=3, k=12, batch_size=5, max_batch_scores=max_batch_scores)
-    generator = CandidateGenerator(model, tokens, trie, sids, emb, config, user_offset=vocab, user_buckets=buckets)
+    whole = CandidateGenerator(model, tokens, trie, sids, emb, config, user_offset=vocab, user_buckets=buckets)
+    generator = whole
+    if shard_bounds is not None:
+        items = ItemFeatures(torch.as_tensor(tokens), torch.as_tensor(emb))
+        shards = [CatalogShard.for_model(model, a, ItemFeatures(items.tokens[a:b], items.content[a:b]), max_batch_scores)
+                  for a, b in itertools.pairwise(shard_bounds)]  # fmt: skip
+        vectors = CatalogVectors(shards, shard_bounds, emb.shape[1], "cpu")
+        generator = CandidateGenerator(model, tokens, trie, sids, vectors, config, user_offset=vocab, user_buckets=buckets)
     history = np.sort(rng.integers(-1, n, size=(9, 4)), axis=1)  # -1 padding on the left
     requests = Requests(np.arange(9), history, np.zeros(9, dtype=np.int64))
     for weights in (config.weights, ScorerWeights(0.1, 0.0, 5.0, 7), ScorerWeights(0.2, 2.0, 0.0, 3), ScorerWeights(0.05, 0.5, 0.0, 0)):
-        reference = _whole_catalog_candidates(generator, requests, weights)
+        reference = _whole_catalog_candidates(whole, requests, weights)
         candidates = generator.generate(requests, weights)
         np.testing.assert_array_equal(candidates.items, reference.items.numpy())
         np.testing.assert_allclose(candidates.scores, reference.scores.numpy(), rtol=1e-5, atol=1e-6)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from sa2crq.config import SegmentConfig, SIDConfig
 from sa2crq.data.segments import assign_segments
@@ -18,7 +20,8 @@ from sa2crq.retrieval.candidates import GenerationConfig
 from sa2crq.retrieval.checkpoint import load_published_retriever, load_retriever, save_retriever
 from sa2crq.retrieval.model import GenerativeRetriever, RetrieverConfig
 from sa2crq.retrieval.scorer import ScorerWeights
-from sa2crq.retrieval.serving import VersionMismatchError, load_server
+from sa2crq.retrieval.catalog_vectors import CatalogVectors
+from sa2crq.retrieval.serving import VersionMismatchError, load_catalog_shard, load_server
 from sa2crq.storage import layout
 from sa2crq.storage.checkpoint import META_FILE
 from sa2crq.storage.filesystem import write_parquet
@@ -79,8 +82,8 @@ def test_serving_reads_every_items_full_code_path(published):
     sids, retriever, table = published
     server = load_server(sids, retriever, GenerationConfig(), device="cpu")
     order = np.argsort(table.item_ids)
-    np.testing.assert_array_equal(server.catalog.sid_tokens, table.tokens[order][:, : server.catalog.sid_tokens.shape[1]])
-    np.testing.assert_array_equal(server.catalog.path_tokens, table.path_tokens[order])
+    np.testing.assert_array_equal(server.catalog.items.sid_tokens, table.tokens[order][:, : server.catalog.items.sid_tokens.shape[1]])
+    np.testing.assert_array_equal(server.catalog.items.path_tokens, table.path_tokens[order])
     assert (table.code_depth < LEVELS).any()  # some SIDs are short, so path and SID differ
     np.testing.assert_array_equal(server.generator.items.read_tokens.numpy(), table.path_tokens[order])
 
@@ -168,3 +171,26 @@ def test_requests_with_a_null_id_or_history_are_refused_naming_the_rows(version)
         server.history_requests(pa.table({"request_id": [1], "history": pa.array([["100"]], pa.list_(pa.string()))}))
     with pytest.raises(ValueError, match="trained on histories only"):
         server.query_requests(pa.table({"request_id": [1], "query": ["red lipstick"]}), lambda texts: np.zeros((len(texts), 4)))
+
+
+def test_a_server_over_catalog_shards_gives_the_candidates_of_one_holding_every_vector(version, tmp_path):
+    """The generate job's layout at scale: the server holds the trie and item tokens, each shard a row
+    range of the vectors (read one embeddings file at a time); the candidates of a retriever that
+    reads item content and has a dense head are the same."""
+    sids, trained = version
+    model_config = dataclasses.replace(load_published_retriever(trained).model.config, dense_head=True, item_content_dim=8)
+    torch.manual_seed(0)
+    retriever = _publish_retriever(tmp_path, GenerativeRetriever(model_config), sids.version,
+                                   {"train_config": {"user_buckets": 10, "max_history": 3}})  # fmt: skip
+    config = GenerationConfig(beam_width=4, k=8, max_batch_scores=64)
+    held = load_server(sids, retriever, config, device="cpu")
+    bounds = [0, 25, 60]
+    shards = [load_catalog_shard(sids, retriever, a, b, config.max_batch_scores, device="cpu") for a, b in itertools.pairwise(bounds)]
+    np.testing.assert_array_equal(torch.cat([s.embeddings for s in shards]).numpy(), held.generator.items.content.numpy())
+    sharded = load_server(sids, retriever, config, device="cpu", vectors=CatalogVectors(shards, bounds, 8, "cpu"))
+    assert sharded.generator.items.content is None  # the server itself holds no embedding
+    requests = pa.table({"request_id": pa.array([1, 2, 3], pa.int64()),
+                         "history": pa.array([[100, 101, 102], [140], [150, 120]], pa.list_(pa.int64()))})  # fmt: skip
+    a, b = (s.candidates(requests.column("request_id").to_numpy(), s.history_requests(requests)[0]) for s in (held, sharded))
+    assert a.column("item_ids").to_pylist() == b.column("item_ids").to_pylist()
+    np.testing.assert_allclose(np.concatenate(a.column("scores").to_pylist()), np.concatenate(b.column("scores").to_pylist()), rtol=1e-5)
