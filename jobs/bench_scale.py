@@ -106,13 +106,15 @@ def write_synthetic_catalog(out: Path, n_items: int, *, seed: int = 0, dim: int 
 
 
 class PeakMemory:
-    """Peak resident set (VmHWM, MiB) of one process and of its largest descendant, polled from /proc."""
+    """Peak resident set (VmHWM, MiB) of one process, of its largest descendant, and of the largest
+    descendant of each process name (a Ray actor's is its class, cut to 15 characters), polled from /proc."""
 
     def __init__(self, pid: int, every: float = 0.2) -> None:
         self.pid = pid
         self.driver_mib = 0.0
         self.largest_child_mib = 0.0
         self.largest_child = ""
+        self.child_mib_by_name: dict[str, float] = {}
         self._every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -135,9 +137,10 @@ class PeakMemory:
     def sample(self) -> None:
         self.driver_mib = max(self.driver_mib, _peak_mib(self.pid))
         for pid in _descendants(self.pid):
-            peak = _peak_mib(pid)
+            peak, name = _peak_mib(pid), _name(pid)
+            self.child_mib_by_name[name] = max(peak, self.child_mib_by_name.get(name, 0.0))
             if peak > self.largest_child_mib:
-                self.largest_child_mib, self.largest_child = peak, _name(pid)
+                self.largest_child_mib, self.largest_child = peak, name
 
 
 def _status(pid: int) -> str:
@@ -202,6 +205,7 @@ def run_job(name: str, job: str, config: dict[str, Any], work: Path, *extra: str
         "driver_peak_mib": round(memory.driver_mib),
         "largest_child_peak_mib": round(memory.largest_child_mib),
         "largest_child": memory.largest_child,
+        "child_peak_mib_by_name": {name: round(mib) for name, mib in sorted(memory.child_mib_by_name.items(), key=lambda kv: -kv[1])},
         "version": summary["version"],
         "outputs": {o["name"]: o["rows"] for o in summary["outputs"]},
         "stage_seconds": summary["report"].get("seconds", {}),

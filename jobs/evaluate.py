@@ -50,7 +50,7 @@ def run_evaluate(config: EvaluateConfig) -> JobSummary:
         started = time.perf_counter()
         candidates = server.generator.generate(requests)
         seconds = time.perf_counter() - started
-        accumulator = RetrievalAccumulator(item_index=np.arange(len(index)), item_segments=server.catalog.segments, ks=(5, 10))
+        accumulator = RetrievalAccumulator(item_index=np.arange(len(index)), item_segments=server.catalog.items.segments, ks=(5, 10))
         accumulator.update(candidates.items, requests.target, from_bucket=candidates.from_bucket, from_dense=candidates.from_dense)
         metrics = accumulator.result()
         sample = np.arange(min(len(requests), config.hallucination_requests))

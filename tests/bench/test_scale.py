@@ -55,3 +55,4 @@ def test_peak_memory_sees_the_process_and_its_largest_child():
     assert process.returncode == 0
     assert 10 < memory.driver_mib < 150
     assert memory.largest_child_mib > 200 and memory.largest_child.startswith("python")
+    assert memory.child_mib_by_name == {memory.largest_child: memory.largest_child_mib}
