@@ -13,7 +13,6 @@ import pyarrow as pa
 import torch
 
 from ray_workers.catalog_shards import CatalogShards, RayCatalogVectors
-
 from sa2crq.data.embed import TextEmbedder
 from sa2crq.data.columns import list_matrix
 from sa2crq.data.validation import DEFAULT_TEXT_COLUMNS
