@@ -5,9 +5,9 @@ actor pool (with ``ray.catalog_shards``, the catalog's vectors held by that many
 range each: :mod:`ray_workers.catalog_shards`) -> ``OUT/versions/<v>/parts/<shard>.parquet``
 (``request_id``, ``item_ids``, ``scores``, the SID and retriever versions used), committed as
 version ``v`` of the store ``OUT`` (:class:`sa2crq.storage.publish.Publisher`: manifest, then
-commit), so a reader sees the whole candidate set or none of it. ``OUT/_RUN.json`` pins the run: the requests' content fingerprint
-(:func:`ray_workers.shards.input_fingerprint`), the retriever and SID versions, the request kind,
-the generation config, and the version being built. A rerun of the same run reuses the parts a
+commit), so a reader sees the whole candidate set or none of it. ``OUT/_RUN.json`` pins the run:
+the requests' content fingerprint (:func:`ray_workers.shards.input_fingerprint`), the retriever and
+SID versions, the request kind, the generation config, and the version being built. A rerun of the same run reuses the parts a
 killed or failed attempt finished (each appears complete or not at all) and commits, or does nothing
 once committed; a rerun of another run into the same ``out`` is refused, naming both. A retriever
 trained on another SID version than the one served is refused too, and so is a request file that
