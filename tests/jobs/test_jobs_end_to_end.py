@@ -248,10 +248,10 @@ def test_train_generate_resume_and_evaluate(data, tmp_path):
     })))  # fmt: skip
     assert resumed.published and resumed.version == first.version
     assert (resumed.report["shards_done"], resumed.report["shards_skipped"]) == (1, 2)
-    again, before = _candidates(out).sort_by("request_id"), candidates.sort_by("request_id")
-    assert again.drop_columns(["scores"]).equals(before.drop_columns(["scores"]))
+    resumed_rows, first_rows = _candidates(out).sort_by("request_id"), candidates.sort_by("request_id")
+    assert resumed_rows.drop_columns(["scores"]).equals(first_rows.drop_columns(["scores"]))
     # The shards' dense-head item vectors and log-normaliser are summed in another order: equal to float rounding.
-    np.testing.assert_allclose(pc.list_flatten(again.column("scores")), pc.list_flatten(before.column("scores")), rtol=1e-5)
+    np.testing.assert_allclose(pc.list_flatten(resumed_rows.column("scores")), pc.list_flatten(first_rows.column("scores")), rtol=1e-5)
 
     # Other requests into the same out are refused, naming both fingerprints; the version stays.
     other = str(tmp_path / "other-requests.parquet")
