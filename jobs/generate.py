@@ -7,10 +7,11 @@ range each: :mod:`ray_workers.catalog_shards`) -> ``OUT/versions/<v>/parts/<shar
 version ``v`` of the store ``OUT`` (:class:`sa2crq.storage.publish.Publisher`: manifest, then
 commit), so a reader sees the whole candidate set or none of it. ``OUT/_RUN.json`` pins the run:
 the requests' content fingerprint (:func:`ray_workers.shards.input_fingerprint`), the retriever and
-SID versions, the request kind, the generation config, and the version being built. A rerun of the same run reuses the parts a
-killed or failed attempt finished (each appears complete or not at all) and commits, or does nothing
-once committed; a rerun of another run into the same ``out`` is refused, naming both. A retriever
-trained on another SID version than the one served is refused too, and so is a request file that
+SID versions, the request kind, the generation config, and the version being built. A rerun of the
+same run reuses the parts a killed or failed attempt finished (each appears complete or not at all)
+and commits, or does nothing once committed; a rerun of another run into the same ``out`` is
+refused, naming both. A retriever trained on another SID version than the one served is refused
+too, and so is a request file that
 breaks a table-level rule (:func:`sa2crq.retrieval.serving.check_requests_schema`: its columns, a history
 of the catalog's item id type), before anything is written; a request with a null id or body, or a
 string that is not UTF-8, stops its shard naming the rows (nothing is committed).

@@ -42,7 +42,7 @@ class CatalogShardActor:
         return self.shard.dense_pass(*args).to("cpu")
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        embeddings, vectors = self.shard.gather(rows.to(self.shard.embeddings.device))
+        embeddings, vectors = self.shard.gather(rows)
         return embeddings.cpu(), None if vectors is None else vectors.cpu()
 
 
@@ -75,12 +75,12 @@ class RayCatalogVectors(CatalogVectors):
 
 def start_catalog_shards(
     sids: PublishedVersion, retriever: PublishedVersion, shards: int, *, items: int, max_batch_scores: int,
-    cpus_per_shard: float, gpus_per_shard: float = 0.0,
+    cpus_per_shard: float,
 ) -> CatalogShards:  # fmt: skip
     """``shards`` actors holding ``items`` rows in equal ranges, started and loaded."""
     bounds = np.linspace(0, items, shards + 1).round().astype(int).tolist()
     actors = [
-        CatalogShardActor.options(num_cpus=cpus_per_shard, num_gpus=gpus_per_shard).remote(sids, retriever, a, b, max_batch_scores)
+        CatalogShardActor.options(num_cpus=cpus_per_shard).remote(sids, retriever, a, b, max_batch_scores)
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
     dims = set(ray.get([actor.dim.remote() for actor in actors]))  # waits until every shard has loaded

@@ -160,10 +160,13 @@ class CandidateGenerator:
         """D of the catalog's content embeddings (a query must be embedded in the same space)."""
         return self.items.content.shape[1] if self._vectors is None else self._vectors.dim
 
-    def vectors(self) -> CatalogVectors:
-        """The catalog's vectors for the model as it is now."""
+    def vectors(self, dense: bool) -> CatalogVectors:
+        """The catalog's vectors for the model as it is now: the dense head's item vectors (a pass
+        over the catalog to compute) only where ``dense``."""
         if self._vectors is not None:
             return self._vectors
+        if not dense:
+            return CatalogVectors.local(CatalogShard(0, self.items.content, None, self.config.max_batch_scores))
         return CatalogVectors.local(CatalogShard.for_model(self.model, 0, self.items, self.config.max_batch_scores))
 
     @torch.no_grad()
@@ -211,9 +214,9 @@ class CandidateGenerator:
         and what the scorer needs over the slice of the catalog they reach."""
         pairs, admitted_per_pair = self._admission(weights)
         batch_size = self.batch_size(len(pairs) * admitted_per_pair)
-        vectors = self.vectors()
         # The dense head's log-probabilities (and their normaliser, a pass over the catalog) only where a weight uses them.
         dense_term = self.model.config.dense_head and any(w.dense_weight > 0 for w in weights)
+        vectors = self.vectors(dense=dense_term)
         progress = Progress("generation", total=len(requests), unit="request")
         for start in range(0, len(requests), batch_size):
             rows = np.arange(start, min(start + batch_size, len(requests)))
@@ -286,7 +289,7 @@ class CandidateGenerator:
     def hallucination_rate(self, requests: Requests) -> float:
         """Share of unconstrained beam outputs (finished beams) that are not a valid SID."""
         invalid, total = 0, 0
-        vectors = self.vectors()
+        vectors = self.vectors(dense=False)  # the encoder reads content embeddings only
         for start in range(0, len(requests), self.config.batch_size):
             rows = np.arange(start, min(start + self.config.batch_size, len(requests)))
             with mixed_precision(self.device):

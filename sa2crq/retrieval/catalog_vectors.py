@@ -78,8 +78,9 @@ class CatalogShard:
 
     @torch.no_grad()
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The embeddings and item vectors of catalog ``rows`` (all inside this shard)."""
-        local = rows - self.start
+        """The embeddings and item vectors of catalog ``rows`` (all inside this shard; any device),
+        on the shard's device."""
+        local = rows.to(self.embeddings.device) - self.start
         return self.embeddings[local], None if self.item_vectors is None else self.item_vectors[local]
 
     @torch.no_grad()
@@ -93,8 +94,11 @@ class CatalogShard:
     ) -> DensePass:
         """One pass over the shard in chunks of ``max_batch_scores // B`` rows: ``request`` (B, D)
         unit vectors; ``dense_request`` (B, d_model), or None where no weight uses the dense term
-        (no log-normaliser then); ``excluded`` (B, E) catalog rows never admitted, -1 padded."""
+        (no log-normaliser then); ``excluded`` (B, E) catalog rows never admitted, -1 padded. The
+        inputs may be on any device; the pass runs on the shard's."""
         device = self.embeddings.device
+        request, excluded = request.to(device), excluded.to(device)
+        dense_request = None if dense_request is None else dense_request.to(device)
         b = len(request)
         log_norm = torch.full((b,), -math.inf, device=device)
         best = [(torch.zeros(b, 0, device=device), torch.zeros(b, 0, dtype=torch.int64, device=device)) for _ in pairs]

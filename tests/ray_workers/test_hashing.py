@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from functools import partial
 
 import fsspec
 import pytest
-
-from functools import partial
 
 from ray_workers.hashing import file_hashes
 from sa2crq.storage.publish import Publisher

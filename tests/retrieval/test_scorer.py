@@ -311,7 +311,7 @@ def _whole_catalog_candidates(generator: CandidateGenerator, requests: Requests,
     streaming pass and slices must reproduce."""
     rows = np.arange(len(requests))
     with torch.no_grad():
-        request, memory, mask = generator._encode(requests, rows, generator.vectors())
+        request, memory, mask = generator._encode(requests, rows, generator.vectors(dense=False))
         beams = beam_search(generator.model, memory, mask, beam_width=generator.config.beam_width,
                             max_length=generator.trie.max_length, trie=generator.trie)  # fmt: skip
         dense = torch.log_softmax(generator.model.dense_logits(memory, mask, generator.model.item_vectors(generator.items)), 1)
